@@ -1,0 +1,61 @@
+"""Kernels for the decoder: one public function per operation, two implementations.
+
+`select(device, backend)` returns a `Kernels` table whose functions all share the
+signatures of `kernels.reference`. The model only ever calls through that table,
+so it never knows which implementation runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Literal, NamedTuple
+
+import torch
+
+from . import reference
+
+Backend = Literal["auto", "torch", "triton"]
+
+
+class Kernels(NamedTuple):
+    name: str
+    rms_norm: Callable
+    rope: Callable
+    silu_and_mul: Callable
+    store_kv: Callable
+    paged_attention: Callable
+
+
+TORCH = Kernels("torch", reference.rms_norm, reference.rope, reference.silu_and_mul,
+                reference.store_kv, reference.paged_attention)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Triton runs on CUDA, or anywhere under TRITON_INTERPRET=1 (slow, for tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select(device: torch.device | str, backend: Backend = "auto") -> Kernels:
+    """Pick the implementation: Triton on CUDA, torch references elsewhere, unless told."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    device = torch.device(device)
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return TORCH
+    if not triton_available(device):
+        if backend == "triton":
+            raise ValueError("kernel backend 'triton' needs a CUDA device or TRITON_INTERPRET=1")
+        return TORCH
+    try:
+        from . import triton_ops
+    except ImportError:
+        if backend == "triton":
+            raise
+        return TORCH
+    return triton_ops.KERNELS

@@ -1,0 +1,141 @@
+"""Plain-torch reference implementations of every kernel.
+
+These define the contract: each Triton kernel in this package has the same
+signature and must agree with its reference within the dtype's tolerance.
+They run anywhere torch runs, which is how the engine works on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"]
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim, optionally fused with `x + residual`.
+
+    Returns `(normed, new_residual)`; `new_residual` is `x + residual` (the
+    stream the next layer adds to) or None when no residual was given.
+    """
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), residual
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """Rotary embedding (rotate-half / NeoX layout) applied in place.
+
+    q: [T, Hq, D], k: [T, Hk, D], positions: [T] int, cos_sin: [max_pos, D] fp32
+    holding cos in the first D/2 columns and sin in the last D/2.
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin[positions.long()]
+    cos = cs[:, None, :half].repeat(1, 1, 2)
+    sin = cs[:, None, half:].repeat(1, 1, 2)
+    for t in (q, k):
+        tf = t.float()
+        rotated = torch.cat((-tf[..., half:], tf[..., :half]), dim=-1)
+        t.copy_(tf * cos + rotated * sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for x = [gate | up] along the last dim."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each token's K/V into its cache slot; slot -1 means skip.
+
+    k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]; slot = block * block_size + offset.
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> torch.Tensor:
+    """Causal attention for a ragged batch whose K/V live in paged blocks.
+
+    q: [T, Hq, D] — request i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1], which are
+    the *last* q_len tokens of its seq_lens[i]-token context (already stored in the
+    cache). block_tables: [B, max_blocks] int, entries past the used blocks ignored.
+    Returns [T, Hq, D].
+    """
+    if max_seqlen_q == 1:
+        return _decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, max_seqlen_k)
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    starts = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_i = q[starts[i] : starts[i + 1]]
+        q_len = q_i.shape[0]
+        if q_len == 0:
+            continue
+        n_blocks = -(-seq_len // block_size)
+        blocks = block_tables[i, :n_blocks].long()
+        k_i = k_cache[blocks].flatten(0, 1)[:seq_len]
+        v_i = v_cache[blocks].flatten(0, 1)[:seq_len]
+        mask = None
+        if q_len > 1:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
+        o = F.scaled_dot_product_attention(
+            q_i.transpose(0, 1), k_i.transpose(0, 1).to(q.dtype), v_i.transpose(0, 1).to(q.dtype),
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+        out[starts[i] : starts[i + 1]] = o.transpose(0, 1)
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_seqlen_k: int,
+) -> torch.Tensor:
+    """One query per request: gather every context into one padded batch, one SDPA call."""
+    block_size = k_cache.shape[1]
+    pos = torch.arange(max_seqlen_k, device=q.device)
+    n_blocks = -(-max_seqlen_k // block_size)
+    table = block_tables[:, :n_blocks].long().clamp_min(0)
+    slots = (table[:, pos // block_size] * block_size + pos % block_size)  # [B, L]
+    valid = pos[None, :] < seq_lens[:, None].long()
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    k = k_cache.view(-1, *k_cache.shape[2:])[slots].transpose(1, 2).to(q.dtype)  # [B, Hk, L, D]
+    v = v_cache.view(-1, *v_cache.shape[2:])[slots].transpose(1, 2).to(q.dtype)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
+    )
+    return o[:, :, 0, :]

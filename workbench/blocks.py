@@ -1,0 +1,203 @@
+"""BlockManager: the paged KV cache's bookkeeping (pure Python, no torch).
+
+The cache is `capacity` fixed-size blocks; a request owns a list of block ids
+(its block table). With prefix caching, every full block is named by a chained
+hash of (parent hash, its token ids), so a later request whose prompt starts
+with the same tokens reuses the block instead of recomputing it. Blocks are
+ref-counted; a freed block keeps its hash, and stays findable, until the
+allocator reuses it (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .request import Request
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    parent_hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
+
+
+@dataclass(slots=True)
+class BlockManager:
+    capacity: int
+    block_size: int
+    prefix_caching: bool = True
+    limit: int = -1
+    blocks: list[Block] = field(default_factory=list)
+    free: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    cached: dict[int, int] = field(default_factory=dict)
+    stats: PrefixStats = field(default_factory=PrefixStats)
+
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            self.limit = self.capacity
+        self.blocks = [Block(i) for i in range(self.capacity)]
+        self.free = OrderedDict((i, None) for i in range(self.limit))
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return sum(1 for b in self.blocks if b.ref_count > 0)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def over_limit(self, request: Request) -> bool:
+        return any(b >= self.limit for b in request.block_ids)
+
+    # -------------------------------------------------------------- allocation
+    def match_prefix(self, request: Request) -> int:
+        """Attach cached blocks matching the request's leading tokens; return tokens reused.
+
+        At least one token is always left to compute, so the step that finishes
+        the prompt has logits to sample from.
+        """
+        tokens = request.all_token_ids
+        max_blocks = (len(tokens) - 1) // self.block_size
+        self.stats.queried_tokens += len(tokens)
+        if not self.prefix_caching:
+            return 0
+        parent: int | None = None
+        for i in range(max_blocks):
+            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(parent, chunk)
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.parent_hash != parent or block.token_ids != chunk or block_id >= self.limit:
+                break
+            self._ref(block_id)
+            request.block_ids.append(block_id)
+            request.block_hashes.append(h)
+            parent = h
+        reused = len(request.block_ids) * self.block_size
+        request.num_computed = reused
+        request.num_cached_tokens += reused
+        self.stats.hit_tokens += reused
+        return reused
+
+    def ensure(self, request: Request, num_tokens: int) -> bool:
+        """Give the request enough blocks for `num_tokens`; all or nothing."""
+        missing = self.blocks_needed(num_tokens) - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if missing > len(self.free):
+            return False
+        for _ in range(missing):
+            request.block_ids.append(self._take_free())
+        return True
+
+    def commit(self, request: Request) -> None:
+        """Name the request's newly filled blocks so later prompts can find them."""
+        if not self.prefix_caching:
+            return
+        tokens = request.all_token_ids
+        full = min(request.num_computed // self.block_size, len(request.block_ids))
+        for i in range(len(request.block_hashes), full):
+            parent = request.block_hashes[-1] if request.block_hashes else None
+            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(parent, chunk)
+            request.block_hashes.append(h)
+            block = self.blocks[request.block_ids[i]]
+            if block.hash is None and h not in self.cached:
+                block.hash, block.parent_hash, block.token_ids = h, parent, chunk
+                self.cached[h] = block.block_id
+
+    def free_request(self, request: Request) -> None:
+        """Drop the request's references; its tail blocks are the first to be reused."""
+        for block_id in reversed(request.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block_id < self.limit:
+                    self.free[block_id] = None
+                else:
+                    self._forget(block)
+        request.block_ids = []
+        request.block_hashes = []
+
+    def set_limit(self, limit: int) -> None:
+        """Change how many blocks may be used; blocks past the limit leave the pool."""
+        if not 1 <= limit <= self.capacity:
+            raise ValueError(f"num_blocks must be in [1, {self.capacity}], got {limit}")
+        old, self.limit = self.limit, limit
+        for block_id in range(limit, old):
+            if block_id in self.free:
+                del self.free[block_id]
+                self._forget(self.blocks[block_id])
+        for block_id in range(old, limit):
+            if self.blocks[block_id].ref_count == 0:
+                self.free[block_id] = None
+
+    def set_prefix_caching(self, enabled: bool) -> None:
+        self.prefix_caching = enabled
+        if not enabled:
+            for block in self.blocks:
+                self._forget(block)
+
+    # ---------------------------------------------------------------- internals
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        self._forget(block)
+        block.ref_count = 1
+        return block_id
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def _forget(self, block: Block) -> None:
+        if block.hash is not None and self.cached.get(block.hash) == block.block_id:
+            del self.cached[block.hash]
+        block.hash, block.parent_hash, block.token_ids = None, None, ()
+
+    # --------------------------------------------------------------- invariants
+    def check(self, requests: list[Request]) -> None:
+        """Raise AssertionError unless every block is free xor owned, with exact ref-counts."""
+        owners = [0] * self.capacity
+        for request in requests:
+            assert len(set(request.block_ids)) == len(request.block_ids), f"{request.request_id} repeats a block"
+            for block_id in request.block_ids:
+                owners[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == owners[block.block_id], (
+                f"block {block.block_id}: ref_count {block.ref_count} != owners {owners[block.block_id]}")
+            in_free = block.block_id in self.free
+            if block.ref_count > 0:
+                assert not in_free, f"block {block.block_id} is owned and free"
+            elif block.block_id < self.limit:
+                assert in_free, f"block {block.block_id} leaked: neither owned nor free"
+            else:
+                assert not in_free, f"block {block.block_id} past the limit is in the free list"
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].hash == h, f"cache entry for block {block_id} is stale"

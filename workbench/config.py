@@ -1,0 +1,75 @@
+"""EngineConfig: every knob of the engine, its default and its valid range.
+
+Validation lives here so that a bad value is rejected with one clear message
+naming the field and its range, whether it comes from the constructor, the
+CLI or a live `engine.reconfigure(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Policy = Literal["continuous", "static", "sequential"]
+
+# Fields that may change while requests are in flight (applied at a step boundary).
+LIVE_FIELDS = ("max_batch", "num_blocks", "token_budget", "prefix_caching", "policy")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine knobs. `num_blocks=None` sizes the KV cache from the device."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_batch: int = 32
+    token_budget: int = 512
+    max_model_len: int | None = None
+    prefix_caching: bool = True
+    policy: Policy = "continuous"
+    device: str | None = None
+    dtype: str | None = None
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    overlap: bool | None = None
+    max_queue: int | None = None
+    telemetry_steps: int = 4096
+    gpu_memory_fraction: float = 0.85
+    seed: int = 0
+
+    def validate(self) -> "EngineConfig":
+        _check_int("block_size", self.block_size, 1, 256)
+        if self.num_blocks is not None:
+            _check_int("num_blocks", self.num_blocks, 1, 10_000_000)
+        _check_int("max_batch", self.max_batch, 1, 4096)
+        _check_int("token_budget", self.token_budget, 1, 1_000_000)
+        if self.max_model_len is not None:
+            _check_int("max_model_len", self.max_model_len, 2, 10_000_000)
+        _check_choice("policy", self.policy, ("continuous", "static", "sequential"))
+        _check_choice("kernels", self.kernels, ("auto", "torch", "triton"))
+        _check_choice("dtype", self.dtype, (None, "float32", "bfloat16", "float16"))
+        _check_choice("prefix_caching", self.prefix_caching, (True, False))
+        if self.max_queue is not None:
+            _check_int("max_queue", self.max_queue, 1, 10_000_000)
+        _check_int("telemetry_steps", self.telemetry_steps, 16, 10_000_000)
+        if not 0.05 <= self.gpu_memory_fraction <= 0.99:
+            raise ValueError(f"gpu_memory_fraction must be in [0.05, 0.99], got {self.gpu_memory_fraction!r}")
+        return self
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        """A validated copy with `changes` applied; unknown fields are an error."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for key in changes:
+            if key not in names:
+                raise ValueError(f"unknown EngineConfig field {key!r}; fields are {sorted(names)}")
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed or type(value) not in {type(a) for a in allowed}:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,158 @@
+"""A Llama-family decoder (Llama, Qwen2, Qwen3, Mistral, SmolLM2) over a paged KV cache.
+
+The model sees one flat ragged batch per step: `input_ids` and `positions` of
+shape [T] for all requests together, no padding. Everything about how those
+tokens map to requests and cache slots travels in `AttentionContext`. Every
+non-matmul operation goes through the `Kernels` table, so the same model runs
+the torch references on a CPU and the Triton kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels import TORCH, Kernels
+from .config import ModelConfig
+
+
+@dataclass(slots=True)
+class AttentionContext:
+    """Where this step's tokens belong: per-request ranges, cache slots, block tables."""
+
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64, -1 = do not store
+    max_seqlen_q: int
+    max_seqlen_k: int
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                ctx: AttentionContext, layer: int, kernels: Kernels) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = kernels.rms_norm(q.contiguous(), self.q_norm.weight, self.q_norm.eps)[0]
+            k = kernels.rms_norm(k.contiguous(), self.k_norm.weight, self.k_norm.eps)[0]
+        else:
+            q, k = q.contiguous(), k.contiguous()
+        kernels.rope(q, k, positions, cos_sin)
+        k_cache, v_cache = ctx.kv_caches[layer]
+        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        o = kernels.paged_attention(
+            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
+            self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k,
+        )
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head; `forward` returns hidden states."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.kernels: Kernels = TORCH
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("cos_sin", self._rope_table(cfg.max_position_embeddings), persistent=False)
+
+    def _rope_table(self, max_len: int) -> torch.Tensor:
+        inv = self.config.inv_freq()
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv[None, :]
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+    def extend_rope(self, max_len: int) -> None:
+        """Grow the cos/sin table when the engine allows longer contexts than the config says."""
+        if max_len > self.cos_sin.shape[0]:
+            self.cos_sin = self._rope_table(max_len).to(self.cos_sin.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        k = self.kernels
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = k.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps, residual)
+            if residual is None:
+                residual = x
+            x = layer.self_attn(h, positions, self.cos_sin, ctx, i, k)
+            h, residual = k.rms_norm(x, layer.post_attention_layernorm.weight,
+                                     layer.post_attention_layernorm.eps, residual)
+            x = layer.mlp(h, k)
+        return k.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.t()
+
+    # ------------------------------------------------------------- weights
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy weights named the transformers way, fusing q/k/v and gate/up."""
+        own = self.state_dict()
+        get = lambda name: state[name] if name in state else state["model." + name]  # noqa: E731
+        for i in range(self.config.num_layers):
+            p = f"layers.{i}."
+            a = p + "self_attn."
+            own[a + "qkv_proj.weight"].copy_(torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"]))
+            if self.config.qkv_bias:
+                own[a + "qkv_proj.bias"].copy_(torch.cat([get(a + f"{n}_proj.bias") for n in "qkv"]))
+            own[a + "o_proj.weight"].copy_(get(a + "o_proj.weight"))
+            if self.config.qk_norm:
+                own[a + "q_norm.weight"].copy_(get(a + "q_norm.weight"))
+                own[a + "k_norm.weight"].copy_(get(a + "k_norm.weight"))
+            m = p + "mlp."
+            own[m + "gate_up_proj.weight"].copy_(torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]))
+            own[m + "down_proj.weight"].copy_(get(m + "down_proj.weight"))
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                own[p + n + ".weight"].copy_(get(p + n + ".weight"))
+        own["embed_tokens.weight"].copy_(get("embed_tokens.weight"))
+        own["norm.weight"].copy_(get("norm.weight"))
+        if self.lm_head is not None:
+            own["lm_head.weight"].copy_(state["lm_head.weight"] if "lm_head.weight" in state else get("embed_tokens.weight"))

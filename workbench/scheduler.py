@@ -1,0 +1,196 @@
+"""Scheduler: which requests run at the next step, and how many tokens each.
+
+Continuous batching policy (pure Python, no torch):
+  1. decodes first — every running request that has its whole context cached
+     gets one token;
+  2. then prefill chunks of running requests, under the step's token budget;
+  3. then admission of waiting requests, FIFO, while fewer than `max_batch` run.
+When the KV cache has no block left, the newest running request is preempted:
+its blocks are freed and it goes back to the front of the queue, to be
+recomputed (its generated tokens kept) once room returns.
+
+Two teaching policies sit beside it: `sequential` runs one request at a time;
+`static` admits a batch only when the previous batch has entirely finished.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .blocks import BlockManager
+from .request import Request, Status
+
+Kind = Literal["prefill", "decode"]
+
+
+@dataclass(slots=True)
+class ScheduledItem:
+    """`num_tokens` tokens of `request`, starting at position `start`."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    kind: Kind
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the request's tokens."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[ScheduledItem] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    padded_slots: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_tokens for i in self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(slots=True)
+class Scheduler:
+    blocks: BlockManager
+    max_batch: int = 32
+    token_budget: int = 512
+    policy: str = "continuous"
+    waiting: deque[Request] = field(default_factory=deque)
+    running: list[Request] = field(default_factory=list)
+    static_members: int = 0
+    num_preemptions: int = 0
+
+    # ---------------------------------------------------------------- intake
+    def add(self, request: Request) -> None:
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues and give back its blocks (cancel, error, finish)."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.blocks.free_request(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -------------------------------------------------------------- schedule
+    def schedule(self) -> Batch:
+        batch = Batch()
+        if not self.running:
+            self.static_members = 0
+        for request in [r for r in self.running if self.blocks.over_limit(r)]:
+            self._preempt(request, batch)
+        budget = self._schedule_running(batch, self.token_budget)
+        if not batch.preempted and self._may_admit():
+            self._admit(batch, budget)
+        if self.policy == "static":
+            batch.padded_slots = max(0, self.static_members - len(self.running))
+        return batch
+
+    def _schedule_running(self, batch: Batch, budget: int) -> int:
+        # Decodes before prefill chunks; within each, oldest first.
+        order = sorted(self.running, key=lambda r: r.in_prefill)
+        for request in order:
+            if budget <= 0:
+                break
+            if request.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(request.remaining, budget)
+            if not self._reserve(request, n, batch):
+                continue
+            kind: Kind = "prefill" if request.in_prefill else "decode"
+            batch.items.append(ScheduledItem(request, request.num_computed, n, kind))
+            budget -= n
+        return budget
+
+    def _reserve(self, request: Request, n: int, batch: Batch) -> bool:
+        """Find blocks for n more tokens, preempting the newest requests if needed."""
+        while not self.blocks.ensure(request, request.num_computed + n):
+            victim = self.running[-1]
+            self._preempt(victim, batch)
+            if victim is request:
+                return False
+        return True
+
+    def _may_admit(self) -> bool:
+        if self.policy == "continuous":
+            return len(self.running) < self.max_batch
+        return not self.running  # sequential and static: only into an empty engine
+
+    def _admit(self, batch: Batch, budget: int) -> None:
+        limit = 1 if self.policy == "sequential" else self.max_batch
+        admitted = 0
+        while self.waiting and len(self.running) < limit and budget > 0:
+            request = self.waiting[0]
+            if not request.block_ids:
+                self.blocks.match_prefix(request)
+            n = min(request.remaining, budget)
+            if not self.blocks.ensure(request, request.num_computed + n):
+                if not self.running:
+                    self.blocks.free_request(request)  # keep nothing while queued
+                    request.num_computed = 0
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            batch.items.append(ScheduledItem(request, request.num_computed, n, "prefill"))
+            budget -= n
+            admitted += 1
+        if self.policy == "static" and admitted:
+            self.static_members = admitted
+            self._admit_static_rest(limit)
+
+    def _admit_static_rest(self, limit: int) -> None:
+        """A static batch takes all its members now, even those with no budget this step."""
+        while self.waiting and len(self.running) < limit:
+            request = self.waiting[0]
+            if not request.block_ids:
+                self.blocks.match_prefix(request)
+            if not self.blocks.ensure(request, request.num_computed + 1):
+                self.blocks.free_request(request)
+                request.num_computed = 0
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            self.static_members += 1
+
+    def _preempt(self, request: Request, batch: Batch) -> None:
+        """Recompute-style preemption: drop the KV, keep the tokens, queue at the front."""
+        self.running.remove(request)
+        self.blocks.free_request(request)
+        request.num_computed = 0
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        batch.preempted.append(request)
+        batch.items = [i for i in batch.items if i.request is not request]
+
+    # ------------------------------------------------------------ after step
+    def advance(self, batch: Batch) -> None:
+        """Record that the batch's tokens are now in the KV cache."""
+        for item in batch.items:
+            item.request.num_computed = item.start + item.num_tokens
+            self.blocks.commit(item.request)
+
+    def finish(self, request: Request) -> None:
+        request.status = Status.FINISHED
+        self.remove(request)
+
+    def check(self) -> None:
+        """Invariants for tests: queues disjoint, statuses consistent, blocks exact."""
+        running, waiting = set(map(id, self.running)), set(map(id, self.waiting))
+        assert not running & waiting, "a request is both running and waiting"
+        assert len(running) == len(self.running) and len(waiting) == len(self.waiting), "duplicate in a queue"
+        assert all(r.status is Status.RUNNING for r in self.running)
+        assert all(r.status is Status.WAITING for r in self.waiting)
+        self.blocks.check(self.running + list(self.waiting))
