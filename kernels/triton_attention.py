@@ -1,0 +1,358 @@
+"""Paged attention in Triton: one kernel for a ragged batch of prefill chunks and decodes.
+
+How the work is cut
+-------------------
+Query rows are flat, `q[T, Hq, D]`; request i owns rows `cu_seqlens_q[i]:cu_seqlens_q[i+1]`,
+the last `q_len` tokens of its `seq_lens[i]`-token context. One program handles one *query
+tile* and one KV head:
+
+* a query tile is up to BLOCK_Q consecutive tokens of ONE request, each with all G = Hq / Hk
+  query heads that share the KV head, packed as the BLOCK_M = BLOCK_Q * G rows of a matrix
+  (row r is token r // G, head r % G). Every K/V tile the program loads serves all G heads,
+  so the cache is read once per KV head, not once per query head;
+* the program walks the request's keys TILE_N at a time, finding each key's cache slot
+  through the block table (so any block size works, and table entries past the request's
+  last block are never read), with an online softmax in fp32.
+
+Request i's tiles are numbered from `cu_seqlens_q[i] // BLOCK_Q + i`. That start is known
+on the device, never on the host, and `T // BLOCK_Q + B` bounds the total, so the grid is
+sized from shapes and python ints alone: no host synchronisation, and the launch can be
+captured in a CUDA graph. A program finds its request by binary search over those starts;
+programs past the end of a request's rows return at once.
+
+Split-K (flash decoding): when the grid above has too few programs to fill the GPU (few
+requests, long contexts) each program's key range is also cut into NUM_SPLITS pieces along
+a third grid axis; each piece writes an unnormalised partial output with its running max
+and sum, and a second small kernel merges them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["AttentionConfig", "choose_config", "paged_attention", "paged_attention_with"]
+
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters of the attention kernel (tile shapes, split count, pipelining)."""
+
+    block_m: int  # query rows per program: BLOCK_Q tokens x G heads, a power of two >= 16
+    tile_n: int  # keys per inner-loop step, a power of two >= 16
+    num_splits: int  # pieces each program's key range is cut into (1 = no split-K)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: keep grids small, but still exercise split-K on long contexts
+
+
+def choose_config(
+    num_tokens: int,
+    num_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_sms: int,
+) -> AttentionConfig:
+    """Pick tile shapes and the split count from python ints only (never from device data).
+
+    * block_m: one token of the whole head group at least; for prefill up to 64 rows, so a
+      chunk reuses each K/V tile across many query tokens.
+    * tile_n: K and V tiles of at most 16 KB each, so three pipeline stages fit in shared
+      memory for any head dim up to 256.
+    * num_splits: only when the plain grid cannot cover the multiprocessors twice over and
+      the contexts are long enough that each piece still streams several key tiles.
+    """
+    group = num_q_heads // num_kv_heads
+    block_m = max(16, _next_pow2(group))
+    if max_seqlen_q > 1:
+        block_m = max(block_m, min(64, _next_pow2(max_seqlen_q * group)))
+    block_q = block_m // group
+
+    elem = torch.tensor([], dtype=dtype).element_size()
+    tile_n = max(16, min(64, 16384 // (_next_pow2(head_dim) * elem)))
+
+    programs = (num_tokens // block_q + num_seqs) * num_kv_heads
+    num_splits = 1
+    if programs < 2 * num_sms:
+        want = -(-2 * num_sms // max(programs, 1))
+        most = max(1, max_seqlen_k // (4 * tile_n))  # each piece keeps >= 4 key tiles
+        num_splits = min(want, most, 16)
+        num_splits = 1 << (num_splits.bit_length() - 1)  # round down to a power of two
+    return AttentionConfig(block_m=block_m, tile_n=tile_n, num_splits=num_splits)
+
+
+@triton.jit
+def _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest i with cu_seqlens_q[i] // BLOCK_Q + i <= tile: the request owning this tile."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if start <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_key_tile(
+    q, q_pos, m, l, acc, t, kv_end, table, k_head, v_head, dims, dim_ok, qk_scale,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys t*TILE_N .. (t+1)*TILE_N - 1 of the request."""
+    pos = t * TILE_N + tl.arange(0, TILE_N)
+    pos_ok = pos < kv_end
+    block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    k_off = block * stride_kb + slot * stride_ks
+    v_off = block * stride_vb + slot * stride_vs
+    k = tl.load(k_head + k_off[None, :] + dims[:, None],
+                mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)  # [D, N]
+    v = tl.load(v_head + v_off[:, None] + dims[None, :],
+                mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)  # [N, D]
+
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet stay at 0
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m - m_ref)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _attention_kernel(
+    out_ptr,  # [T, Hq, D] final output, or [S, T, Hq, D_PAD] fp32 partials when split
+    m_ptr,  # [S, T, Hq] fp32 running max (log2 domain) per split; unused unless split
+    l_ptr,  # [S, T, Hq] fp32 running sum per split; unused unless split
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, D]
+    v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, D]
+    cu_seqlens_q_ptr,  # [B + 1]
+    seq_lens_ptr,  # [B]
+    block_tables_ptr,  # [B, max_blocks]
+    qk_scale,  # softmax scale * log2(e): the softmax runs on exp2
+    num_seqs,
+    stride_qt, stride_qh,
+    stride_ot, stride_oh, stride_os,  # stride_os: between splits (partials only)
+    stride_ml_t, stride_ml_s,  # m/l strides over tokens and splits (heads are contiguous)
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per KV-cache block
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1: see the two work-arounds
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    req = _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + req)
+    q_len = tl.load(cu_seqlens_q_ptr + req + 1) - q_start
+    first = (tile - (q_start // BLOCK_Q + req)) * BLOCK_Q  # first token of the tile, in-request
+    if first >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context = seq_len - q_len  # keys before the request's first query token
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = first + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows // GROUP < BLOCK_Q) & (tok < q_len)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+    )
+    if INTERPRETED:
+        # Triton 3.6's interpreter multiplies bf16 dot operands as raw bits: dot in fp32.
+        q = q.to(tl.float32)
+    q_pos = context + tok  # absolute position of each row's query: it sees keys 0..q_pos
+
+    # Keys this tile can see, cut into NUM_SPLITS pieces of whole key tiles.
+    kv_end = tl.minimum(seq_len, context + first + BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, TILE_N)
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    table = block_tables_ptr + req * stride_bt
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    if INTERPRETED:
+        # Triton 3.6's interpreter cannot take a tensor as a `range` bound under numpy >= 2.4
+        # (triton-lang/triton#9171); a while loop is equivalent but is not software-pipelined
+        # when compiled, so it is used only where the kernel is interpreted.
+        t = tile_lo
+        while t < tile_hi:
+            m, l, acc = _attend_key_tile(
+                q, q_pos, m, l, acc, t, kv_end, table, k_head, v_head, dims, dim_ok, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_SIZE, TILE_N, DOT_PRECISION)
+            t += 1
+    else:
+        for t in range(tile_lo, tile_hi):
+            m, l, acc = _attend_key_tile(
+                q, q_pos, m, l, acc, t, kv_end, table, k_head, v_head, dims, dim_ok, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_SIZE, TILE_N, DOT_PRECISION)
+
+    out_mask = row_ok[:, None] & dim_ok[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part = split * stride_os + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(out_ptr + part + dims[None, :], acc, mask=out_mask)
+        ml = split * stride_ml_s + q_rows * stride_ml_t + head
+        tl.store(m_ptr + ml, m, mask=row_ok)
+        tl.store(l_ptr + ml, l, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,  # [T, Hq, D]
+    part_ptr,  # [S, T, Hq, D_PAD] fp32
+    m_ptr,  # [S, T, Hq] fp32
+    l_ptr,  # [S, T, Hq] fp32
+    stride_ot, stride_oh,
+    stride_ps, stride_pt, stride_ph,
+    stride_ml_s, stride_ml_t,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Rescale each split's partial sums to the common max and normalise once."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    ml = splits * stride_ml_s + token * stride_ml_t + head
+    m = tl.load(m_ptr + ml)
+    weight = tl.exp2(m - tl.max(m, 0))  # empty splits carry m = -inf: weight 0
+    l = tl.sum(tl.load(l_ptr + ml) * weight, 0)
+    part = tl.load(part_ptr + splits[:, None] * stride_ps + token * stride_pt + head * stride_ph
+                   + dims[None, :])
+    out = tl.sum(part * weight[:, None], 0) / l
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> torch.Tensor:
+    """Triton version of `reference.paged_attention`: same signature, same result."""
+    config = choose_config(
+        q.shape[0], seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
+        max_seqlen_q, max_seqlen_k, _num_sms(q.device),
+    )
+    return paged_attention_with(config, q, k_cache, v_cache, cu_seqlens_q, seq_lens,
+                                block_tables, scale)
+
+
+def paged_attention_with(
+    config: AttentionConfig,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Run the kernel with explicit launch parameters (tests and benchmarks pick their own)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if group * num_kv_heads != num_q_heads or config.block_m < group:
+        raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads with "
+                         f"block_m={config.block_m}")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("paged_attention needs the head dim contiguous in q and both caches")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    block_q = config.block_m // group
+    d_pad = max(16, _next_pow2(head_dim))
+    splits = config.num_splits
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    interpreted = q.device.type != "cuda"  # Triton runs off-GPU only through its interpreter
+    if splits == 1:
+        target, m, l = out, out, out  # m / l are never touched without splits
+        stride_os, stride_ml = 0, (0, 0)
+    else:
+        target = torch.empty((splits, num_tokens, num_q_heads, d_pad), dtype=torch.float32,
+                             device=q.device)
+        m = torch.empty((splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        stride_os, stride_ml = target.stride(0), (m.stride(1), m.stride(0))
+    _attention_kernel[grid](
+        target, m, l, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+        scale * LOG2E, num_seqs,
+        q.stride(0), q.stride(1),
+        target.stride(-3), target.stride(-2), stride_os,
+        *stride_ml,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=config.block_m,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=block_size,
+        TILE_N=config.tile_n, NUM_SPLITS=splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
+        INTERPRETED=interpreted,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            out, target, m, l,
+            out.stride(0), out.stride(1),
+            target.stride(0), target.stride(1), target.stride(2),
+            m.stride(0), m.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, NUM_SPLITS=splits,
+        )
+    return out

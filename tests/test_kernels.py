@@ -1,0 +1,484 @@
+"""Every Triton kernel against its torch reference, on fresh random inputs.
+
+Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on small
+shapes; with CUDA the same tests run compiled, and the `gpu`-marked ones add full-size
+shapes, CUDA-graph capture and a no-host-sync check.
+
+Checks follow one rule: ||out - ref|| / ||ref|| within the dtype's tolerance, with the
+reference computed in float64 on upcast inputs; NaN never passes; outputs are poisoned
+(allocations filled with NaN, caches pre-filled with NaN) so an unwritten element fails.
+Each test draws a fresh seed and names it in its failure message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import secrets
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton reads this when a kernel is decorated, so it must be set before the kernel
+    # modules are imported (and they are reloaded below if something imported them first).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from workbench import kernels  # noqa: E402
+from workbench.kernels import reference  # noqa: E402
+
+
+def _load_triton_modules():
+    """Import the Triton modules in the mode this process runs them in (see above)."""
+    attention = importlib.import_module("workbench.kernels.triton_attention")
+    ops = importlib.import_module("workbench.kernels.triton_ops")
+    interpreted = type(attention._attention_kernel).__name__ == "InterpretedFunction"
+    if not HAS_CUDA and not interpreted:  # imported earlier without the interpreter
+        attention = importlib.reload(attention)
+        ops = importlib.reload(ops)
+    return attention, ops
+
+
+triton_attention, triton_ops = _load_triton_modules()
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def seed() -> int:
+    return secrets.randbits(31)
+
+
+@pytest.fixture
+def gen(seed: int) -> torch.Generator:
+    g = torch.Generator(DEVICE)
+    g.manual_seed(seed)
+    return g
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float tensor the kernels allocate starts as NaN, so unwritten output shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def randn(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, seed: int) -> None:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert not torch.isnan(out).any(), f"NaN in output (seed {seed})"
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]} (seed {seed})"
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
+def test_select_cpu_gives_torch_references():
+    assert kernels.select("cpu") is kernels.TORCH
+    assert kernels.select("cpu", "torch").rms_norm is reference.rms_norm
+
+
+def test_select_rejects_unknown_backend():
+    with pytest.raises(ValueError):
+        kernels.select("cpu", "cuda")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter is what runs Triton without CUDA")
+def test_select_cpu_triton_runs_under_interpreter():
+    table = kernels.select("cpu", "triton")
+    assert table.name == "triton"
+    assert table.paged_attention is triton_attention.paged_attention
+    assert type(triton_ops._rms_norm_kernel).__name__ == "InterpretedFunction"
+
+
+@needs_cuda
+def test_select_cuda_gives_triton():
+    assert kernels.select("cuda").name == "triton"
+    assert kernels.select("cuda", "torch") is kernels.TORCH
+
+
+def test_kernel_table_matches_reference_signatures():
+    import inspect
+
+    for name in ("rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"):
+        ours = inspect.signature(getattr(triton_ops.KERNELS, name))
+        theirs = inspect.signature(getattr(reference, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+SMALL_ROWS = [(1, 64), (7, 96), (5, 576)]
+FULL_ROWS = [(1, 4096), (257, 576), (4096, 4096), (33, 8192)]
+
+
+def _check_rms_norm(rows: int, hidden: int, dtype, residual: bool, gen, seed) -> None:
+    x = randn((rows, hidden), dtype, gen)
+    w = (1 + 0.1 * randn((hidden,), torch.float32, gen)).to(dtype)
+    r = randn((rows, hidden), dtype, gen) if residual else None
+    out, new_res = triton_ops.rms_norm(x, w, 1e-6, r)
+    if residual:
+        # both sides round the summed stream to the input dtype, so it matches bit for bit,
+        # except under the interpreter, whose fp32 -> bf16 casts truncate instead of rounding
+        if HAS_CUDA or dtype != torch.bfloat16:
+            assert torch.equal(new_res, x + r)
+        assert_close(new_res, x.double() + r.double(), dtype, seed)
+    else:
+        assert new_res is None
+    ref, _ = reference.rms_norm(x.double(), w.double(), 1e-6, None if r is None else r.double())
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", SMALL_ROWS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm(rows, hidden, dtype, residual, gen, seed):
+    _check_rms_norm(rows, hidden, dtype, residual, gen, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", FULL_ROWS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_full(rows, hidden, dtype, residual, gen, seed):
+    _check_rms_norm(rows, hidden, dtype, residual, gen, seed)
+
+
+def test_rms_norm_keeps_leading_dims(gen, seed):
+    x = randn((2, 3, 64), torch.float32, gen)
+    w = randn((64,), torch.float32, gen)
+    out, res = triton_ops.rms_norm(x, w, 1e-5, x)
+    ref, ref_res = reference.rms_norm(x.double(), w.double(), 1e-5, x.double())
+    assert_close(out, ref, torch.float32, seed)
+    assert_close(res, ref_res, torch.float32, seed)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def _check_rope(tokens: int, q_heads: int, k_heads: int, dim: int, dtype, gen, seed) -> None:
+    max_pos = 4096
+    # q and k as views of one fused projection, the way a model produces them
+    qkv = randn((tokens, (q_heads + 2 * k_heads) * dim), dtype, gen)
+    q = qkv[:, : q_heads * dim].view(tokens, q_heads, dim)
+    k = qkv[:, q_heads * dim : (q_heads + k_heads) * dim].view(tokens, k_heads, dim)
+    v_before = qkv[:, (q_heads + k_heads) * dim :].clone()
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen, device=DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
+    angles = torch.arange(max_pos, device=DEVICE).float()[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    q_ref, k_ref = q.double(), k.double()
+    reference.rope(q_ref, k_ref, positions, cos_sin)
+    triton_ops.rope(q, k, positions, cos_sin)
+    assert_close(q, q_ref, dtype, seed)
+    assert_close(k, k_ref, dtype, seed)
+    assert torch.equal(qkv[:, (q_heads + k_heads) * dim :], v_before), "rope wrote outside q, k"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_heads,k_heads,dim", [(4, 2, 64), (9, 3, 96), (2, 2, 128)])
+def test_rope(q_heads, k_heads, dim, dtype, gen, seed):
+    _check_rope(9, q_heads, k_heads, dim, dtype, gen, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_heads,k_heads,dim", [(32, 8, 128), (9, 3, 64), (16, 16, 256)])
+def test_rope_full(q_heads, k_heads, dim, dtype, gen, seed):
+    _check_rope(2048, q_heads, k_heads, dim, dtype, gen, seed)
+
+
+# --------------------------------------------------------------------------- SiLU * mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2 * 64), (6, 2 * 1536), (2, 3, 2 * 100)])
+def test_silu_and_mul(shape, dtype, gen, seed):
+    x = randn(shape, dtype, gen)
+    assert_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x.double()), dtype, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4096, 2 * 14336), (3, 2 * 1536), (1000, 2 * 100)])
+def test_silu_and_mul_full(shape, dtype, gen, seed):
+    x = randn(shape, dtype, gen)
+    assert_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x.double()), dtype, seed)
+
+
+# --------------------------------------------------------------------------- KV store
+
+
+def _check_store_kv(tokens: int, heads: int, dim: int, block_size: int, dtype, gen) -> None:
+    num_blocks = 2 * tokens // block_size + 2
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device=DEVICE)[:tokens]
+    slots[torch.rand(tokens, generator=gen, device=DEVICE) < 0.25] = -1  # padding tokens
+    # k and v as views of one fused projection, the way a model produces them
+    kv = randn((tokens, 2 * heads * dim), dtype, gen)
+    k = kv[:, : heads * dim].view(tokens, heads, dim)
+    v = kv[:, heads * dim :].view(tokens, heads, dim)
+    caches = [torch.full((num_blocks, block_size, heads, dim), float("nan"), dtype=dtype,
+                         device=DEVICE) for _ in range(4)]
+    triton_ops.store_kv(k, v, caches[0], caches[1], slots)
+    reference.store_kv(k, v, caches[2], caches[3], slots)
+    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ours.isnan(), ref.isnan()), "wrote a skipped slot or missed one"
+        assert torch.equal(ours.nan_to_num(0.0), ref.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("heads,dim", [(2, 64), (3, 96)])
+def test_store_kv(heads, dim, block_size, dtype, gen):
+    _check_store_kv(37, heads, dim, block_size, dtype, gen)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [1, 16, 64, 256])
+def test_store_kv_full(block_size, dtype, gen):
+    _check_store_kv(4096, 8, 128, block_size, dtype, gen)
+
+
+# --------------------------------------------------------------------------- paged attention
+
+
+@dataclasses.dataclass
+class Batch:
+    """One ragged batch as the engine hands it to `paged_attention`."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    scale: float
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    def args(self) -> tuple:
+        return (self.q, self.k_cache, self.v_cache, self.cu_seqlens_q, self.seq_lens,
+                self.block_tables, self.scale, self.max_seqlen_q, self.max_seqlen_k)
+
+    def reference(self) -> torch.Tensor:
+        """float64 reference; the NaN that poisons unused cache slots is never attended."""
+        k = self.k_cache.double().nan_to_num(0.0)
+        v = self.v_cache.double().nan_to_num(0.0)
+        return reference.paged_attention(self.q.double(), k, v, *self.args()[3:])
+
+
+def ragged_lengths(mode: str, num_seqs: int, max_len: int, gen) -> tuple[list[int], list[int]]:
+    """(q_lens, seq_lens) for a batch of decodes, fresh prefills, or a mix with chunks."""
+
+    def draw(hi: int) -> int:
+        return int(torch.randint(1, hi + 1, (1,), generator=gen, device=DEVICE))
+
+    seq_lens = [draw(max_len) for _ in range(num_seqs)]
+    seq_lens[0], seq_lens[-1] = 1, max_len  # always cover both ends
+    if mode == "decode":
+        q_lens = [1] * num_seqs
+    elif mode == "prefill":
+        q_lens = list(seq_lens)
+    else:  # mixed: decodes, fresh prefills and later chunks of chunked prefills
+        q_lens = [(1, s, draw(s))[i % 3] for i, s in enumerate(seq_lens)]
+    return q_lens, seq_lens
+
+
+def make_batch(q_lens: list[int], seq_lens: list[int], num_kv_heads: int, group: int,
+               head_dim: int, block_size: int, dtype: torch.dtype, gen) -> Batch:
+    """Scatter each request's blocks at random, poison every unused cache slot with NaN and
+    every block-table entry past a request's last block with garbage (-1 or out of range)."""
+    num_seqs = len(seq_lens)
+    used = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(used) + 3
+    max_blocks = max(used) + 2
+    order = torch.randperm(num_blocks, generator=gen, device=DEVICE).int()
+    tables = torch.where(torch.arange(num_seqs, device=DEVICE)[:, None] % 2 == 0, -1,
+                         num_blocks + 1000).int().expand(num_seqs, max_blocks).contiguous()
+    start = 0
+    for i, n in enumerate(used):
+        tables[i, :n] = order[start : start + n]
+        start += n
+
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = randn(shape, dtype, gen), randn(shape, dtype, gen)
+    live = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    for i, s in enumerate(seq_lens):
+        pos = torch.arange(s, device=DEVICE)
+        live[tables[i, pos // block_size].long() * block_size + pos % block_size] = True
+    k_cache.view(-1, num_kv_heads, head_dim)[~live] = float("nan")
+    v_cache.view(-1, num_kv_heads, head_dim)[~live] = float("nan")
+
+    cu = torch.tensor([0, *q_lens], device=DEVICE).cumsum(0).int()
+    q = randn((int(cu[-1]), num_kv_heads * group, head_dim), dtype, gen)
+    return Batch(q, k_cache, v_cache, cu, torch.tensor(seq_lens, device=DEVICE).int(), tables,
+                 1.0 / math.sqrt(head_dim), max(q_lens), max(seq_lens))
+
+
+def _check_attention(batch: Batch, dtype, seed, config=None) -> None:
+    if config is None:
+        out = triton_attention.paged_attention(*batch.args())
+    else:
+        out = triton_attention.paged_attention_with(config, *batch.args()[:7])
+    assert out.dtype == batch.q.dtype
+    assert_close(out, batch.reference(), dtype, seed)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size,group", [(1, 4), (16, 1), (16, 3), (64, 8), (16, 8), (64, 3)])
+def test_paged_attention(mode, dtype, block_size, group, gen, seed):
+    q_lens, seq_lens = ragged_lengths(mode, 4, 300, gen)
+    batch = make_batch(q_lens, seq_lens, 2, group, 64, block_size, dtype, gen)
+    _check_attention(batch, dtype, seed)
+
+
+@pytest.mark.parametrize("head_dim", [32, 80, 128, 256])
+def test_paged_attention_head_dims(head_dim, gen, seed):
+    q_lens, seq_lens = ragged_lengths("mixed", 3, 130, gen)
+    batch = make_batch(q_lens, seq_lens, 1, 4, head_dim, 16, torch.bfloat16, gen)
+    _check_attention(batch, torch.bfloat16, seed)
+
+
+@pytest.mark.parametrize("num_splits", [2, 8])
+@pytest.mark.parametrize("mode", ["decode", "mixed"])
+def test_paged_attention_split_k(mode, num_splits, gen, seed):
+    """Flash-decoding pieces, including pieces with no keys at all, merge to the same result."""
+    q_lens, seq_lens = ragged_lengths(mode, 3, 160, gen)
+    batch = make_batch(q_lens, seq_lens, 2, 4, 64, 16, torch.float32, gen)
+    base = triton_attention.choose_config(batch.q.shape[0], 3, 8, 2, 64, torch.float32,
+                                          batch.max_seqlen_q, batch.max_seqlen_k, 132)
+    config = dataclasses.replace(base, num_splits=num_splits)
+    _check_attention(batch, torch.float32, seed, config)
+
+
+def test_paged_attention_noncontiguous_q(gen, seed):
+    """q as a view of a fused qkv projection (token stride larger than Hq * D)."""
+    q_lens, seq_lens = ragged_lengths("mixed", 3, 100, gen)
+    batch = make_batch(q_lens, seq_lens, 2, 3, 64, 16, torch.float32, gen)
+    tokens = batch.q.shape[0]
+    qkv = randn((tokens, 10 * 64), torch.float32, gen)
+    qkv[:, : 6 * 64] = batch.q.reshape(tokens, -1)
+    batch.q = qkv[:, : 6 * 64].view(tokens, 6, 64)
+    _check_attention(batch, torch.float32, seed)
+
+
+def test_paged_attention_empty_request(gen, seed):
+    """A request with no query rows this step (q_len 0) is skipped, as in the reference."""
+    batch = make_batch([3, 0, 1], [40, 17, 9], 2, 2, 64, 16, torch.float32, gen)
+    _check_attention(batch, torch.float32, seed)
+
+
+def test_choose_config_splits_only_long_small_batches():
+    big = triton_attention.choose_config(64, 64, 32, 8, 128, torch.bfloat16, 1, 2048, 132)
+    small = triton_attention.choose_config(2, 2, 32, 8, 128, torch.bfloat16, 1, 32768, 132)
+    short = triton_attention.choose_config(2, 2, 32, 8, 128, torch.bfloat16, 1, 100, 132)
+    assert big.num_splits == 1
+    assert small.num_splits > 1
+    assert short.num_splits == 1
+    prefill = triton_attention.choose_config(512, 1, 32, 8, 128, torch.bfloat16, 512, 512, 132)
+    assert prefill.block_m == 64 and prefill.num_splits == 1
+
+
+# --------------------------------------------------------------------------- full size (GPU)
+
+FULL_SHAPES = [  # (group, head_dim, block_size)
+    (1, 128, 16), (3, 64, 1), (4, 128, 64), (8, 128, 256), (4, 64, 16), (8, 128, 16),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group,head_dim,block_size", FULL_SHAPES)
+def test_paged_attention_full(mode, dtype, group, head_dim, block_size, gen, seed):
+    q_lens, seq_lens = ragged_lengths(mode, 24, 1500, gen)
+    batch = make_batch(q_lens, seq_lens, 8, group, head_dim, block_size, dtype, gen)
+    _check_attention(batch, dtype, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [32, 96, 256])
+@pytest.mark.parametrize("mode", ["decode", "mixed"])
+def test_paged_attention_full_head_dims(mode, head_dim, gen, seed):
+    q_lens, seq_lens = ragged_lengths(mode, 16, 1000, gen)
+    batch = make_batch(q_lens, seq_lens, 8, 4, head_dim, 16, torch.bfloat16, gen)
+    _check_attention(batch, torch.bfloat16, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_seqs,max_len", [(1, 32768), (4, 8192), (64, 2048)])
+def test_paged_attention_full_decode_heuristic(num_seqs, max_len, gen, seed):
+    """The shapes the benchmark times, through whatever config the heuristic picks."""
+    q_lens, seq_lens = ragged_lengths("decode", num_seqs, max_len, gen)
+    batch = make_batch(q_lens, seq_lens, 8, 4, 128, 16, torch.bfloat16, gen)
+    _check_attention(batch, torch.bfloat16, seed)
+
+
+@gpu
+@needs_cuda
+def test_paged_attention_never_syncs_the_host(gen, seed):
+    q_lens, seq_lens = ragged_lengths("mixed", 8, 500, gen)
+    batch = make_batch(q_lens, seq_lens, 8, 4, 128, 16, torch.bfloat16, gen)
+    triton_attention.paged_attention(*batch.args())  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = triton_attention.paged_attention(*batch.args())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(out, batch.reference(), torch.bfloat16, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_seqs,max_len", [(32, 1000), (2, 20000)])  # plain and split-K
+def test_paged_attention_cuda_graph(num_seqs, max_len, gen, seed):
+    """Capture once, then replay on new lengths written into the same device tensors."""
+    q_lens, seq_lens = ragged_lengths("decode", num_seqs, max_len, gen)
+    batch = make_batch(q_lens, seq_lens, 8, 4, 128, 16, torch.bfloat16, gen)
+    batch.max_seqlen_k = max_len
+    triton_attention.paged_attention(*batch.args())  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_attention.paged_attention(*batch.args())
+    shorter = torch.clamp(batch.seq_lens - 7, min=1)
+    batch.seq_lens.copy_(shorter)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, batch.reference(), torch.bfloat16, seed)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
