@@ -102,7 +102,7 @@ def choose_config(
 @triton.jit
 def _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest i with cu_seqlens_q[i] // BLOCK_Q + i <= tile: the request owning this tile."""
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
@@ -311,6 +311,10 @@ def paged_attention_with(
     if group * num_kv_heads != num_q_heads or config.block_m < group:
         raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads with "
                          f"block_m={config.block_m}")
+    for name in ("block_m", "tile_n", "num_splits"):
+        value = getattr(config, name)
+        if value & (value - 1) or value < (1 if name == "num_splits" else 16):
+            raise ValueError(f"{name} must be a power of two (>= 16 for tiles), got {value}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("paged_attention needs the head dim contiguous in q and both caches")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
