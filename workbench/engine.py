@@ -70,6 +70,8 @@ class Engine:
         self.config = config.replace(num_blocks=num_blocks)
         self.capacity = num_blocks
         model_len = config.max_model_len or self.loaded.config.max_position_embeddings
+        if self.loaded.config.sliding_window:
+            model_len = min(model_len, self.loaded.config.sliding_window)  # no sliding-window kernel (yet)
         self.loaded.model.extend_rope(model_len)
         self._model_len = model_len
         self.runner = ModelRunner(self.loaded, num_blocks=num_blocks, block_size=config.block_size, device=device,

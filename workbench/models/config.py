@@ -28,6 +28,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf(cls, hf: Any) -> "ModelConfig":
@@ -49,6 +50,7 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(getattr(hf, "attention_bias", False)),
             qk_norm=arch == "qwen3",
+            sliding_window=_sliding_window(hf),
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
@@ -69,6 +71,14 @@ class ModelConfig:
         if kind == "llama3":
             return _llama3_inv_freq(inv, scaling)
         raise NotImplementedError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def _sliding_window(hf: Any) -> int | None:
+    """Mistral-style local attention; we serve contexts up to the window, where it changes nothing."""
+    window = getattr(hf, "sliding_window", None)
+    if hf.model_type == "mistral" or getattr(hf, "use_sliding_window", False):
+        return window
+    return None
 
 
 def _llama3_inv_freq(inv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
