@@ -142,7 +142,7 @@ def attention_rows(case: AttentionCase, gen, configs=(), reference_too: bool = F
     args = case.build(gen)
     q, k_cache = args[0], args[1]
     default = triton_attention.choose_config(
-        q.shape[0], len(case.seq_lens), case.num_q_heads, case.num_kv_heads, case.head_dim,
+        len(case.seq_lens), case.num_q_heads, case.num_kv_heads, case.head_dim,
         case.dtype, args[7], args[8], torch.cuda.get_device_properties(0).multi_processor_count)
     rows = [timed("paged attention", case.shape(), f"heuristic: {config_str(default)}",
                   case.bytes(), case.flops(), lambda: triton_attention.paged_attention(*args))]
@@ -167,11 +167,19 @@ def attention_rows(case: AttentionCase, gen, configs=(), reference_too: bool = F
     return rows
 
 
-def sweep_configs(base: triton_attention.AttentionConfig) -> list[triton_attention.AttentionConfig]:
+def decode_sweep(base: triton_attention.AttentionConfig) -> list[triton_attention.AttentionConfig]:
     configs = [dataclasses.replace(base, tile_n=n, num_warps=w, num_stages=s)
                for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
-    configs += [dataclasses.replace(base, num_splits=k) for k in (2, 4)]
-    return configs
+    return configs + [dataclasses.replace(base, num_splits=k) for k in (2, 4)]
+
+
+def split_sweep(base: triton_attention.AttentionConfig) -> list[triton_attention.AttentionConfig]:
+    return [dataclasses.replace(base, num_splits=k) for k in (1, 2, 4, 8, 16, 32)]
+
+
+def prefill_sweep(base: triton_attention.AttentionConfig) -> list[triton_attention.AttentionConfig]:
+    return [dataclasses.replace(base, block_m=m, tile_n=n, num_warps=w, num_stages=s)
+            for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 
 
 # --------------------------------------------------------------------------- element-wise
@@ -207,17 +215,35 @@ def elementwise_rows(gen) -> list[Row]:
     rows.append(timed("rope (in place)", f"T={tokens} Hq={hq} Hk={hk} D={dim} bf16", "",
                       2 * tokens * (hq + hk) * dim * size + tokens * (dim * 4 + 8),
                       6 * tokens * (hq + hk) * dim, lambda: triton_ops.rope(q, k, positions, cos_sin)))
+    v = randn(tokens, hk, dim)
     blocks = tokens // 16 * 2
     k_cache = torch.empty(blocks, 16, hk, dim, dtype=bf16, device="cuda")
     v_cache = torch.empty_like(k_cache)
     slots = torch.randperm(blocks * 16, generator=gen, device="cuda")[:tokens]
     rows.append(timed("store_kv", f"T={tokens} Hk={hk} D={dim} bs=16 bf16", "",
                       4 * tokens * hk * dim * size + tokens * 8, 0,
-                      lambda: triton_ops.store_kv(k, k, k_cache, v_cache, slots)))
+                      lambda: triton_ops.store_kv(k, v, k_cache, v_cache, slots)))
     return rows
 
 
 # --------------------------------------------------------------------------- report
+
+
+def compiled_report(jit_fn) -> list[str]:
+    """Registers, spills, shared memory and pipelining evidence of each compiled variant."""
+    lines = []
+    for kernel_cache, *_ in list(getattr(jit_fn, "device_caches", {}).values()):
+        for key, kernel in kernel_cache.items():
+            try:
+                meta, ptx = kernel.metadata, kernel.asm.get("ptx", "")
+                lines.append(
+                    f"warps={meta.num_warps} stages={meta.num_stages} regs={kernel.n_regs} "
+                    f"spills={kernel.n_spills} shared={meta.shared}B "
+                    f"cp.async={ptx.count('cp.async.c')} ld.global.v4={ptx.count('ld.global.v4')} "
+                    f"ld.global={ptx.count('ld.global')} key={str(key)[:300]}")
+            except Exception as exc:  # report what can be read, never fail the benchmark on it
+                lines.append(f"(unreadable variant: {type(exc).__name__}: {exc})")
+    return lines
 
 
 def environment(argv: list[str]) -> dict:
@@ -264,19 +290,25 @@ def main(argv: list[str]) -> int:
     env = environment(argv)
     copy = copy_bandwidth()
 
-    decode = AttentionCase(q_lens=[1] * 64, seq_lens=[2048] * 64)
-    base = triton_attention.choose_config(64, 64, 32, 8, 128, torch.bfloat16, 1, 2048,
-                                          env["multiprocessors"])
-    rows = attention_rows(decode, gen, sweep_configs(base) if opts.sweep else (), reference_too=True)
-    long = AttentionCase(q_lens=[1] * 4, seq_lens=[32768] * 4)
-    long_base = triton_attention.choose_config(4, 4, 32, 8, 128, torch.bfloat16, 1, 32768,
-                                               env["multiprocessors"])
-    rows += attention_rows(long, gen, [dataclasses.replace(long_base, num_splits=1)])
+    sms = env["multiprocessors"]
+
+    def heuristic(case: AttentionCase) -> triton_attention.AttentionConfig:
+        return triton_attention.choose_config(
+            len(case.q_lens), case.num_q_heads, case.num_kv_heads,
+            case.head_dim, case.dtype, max(case.q_lens), max(case.seq_lens), sms)
+
     ragged = torch.randint(1, 4096, (64,), generator=gen, device="cuda").tolist()
-    rows += attention_rows(AttentionCase(q_lens=[1] * 64, seq_lens=ragged), gen)
-    mixed = AttentionCase(q_lens=[512] * 4 + [1] * 60, seq_lens=[2048] * 64)
-    rows += attention_rows(mixed, gen)
-    rows += attention_rows(AttentionCase(q_lens=[4096], seq_lens=[4096]), gen)
+    cases = [  # (case, the configs --sweep adds, also time the torch reference)
+        (AttentionCase(q_lens=[1] * 64, seq_lens=[2048] * 64), decode_sweep, True),
+        (AttentionCase(q_lens=[1] * 4, seq_lens=[32768] * 4), split_sweep, False),
+        (AttentionCase(q_lens=[1] * 64, seq_lens=ragged), split_sweep, False),
+        (AttentionCase(q_lens=[512] * 4 + [1] * 60, seq_lens=[2048] * 64), prefill_sweep, False),
+        (AttentionCase(q_lens=[4096], seq_lens=[4096]), prefill_sweep, False),
+    ]
+    rows = []
+    for case, sweep, reference_too in cases:
+        configs = sweep(heuristic(case)) if opts.sweep else ()
+        rows += attention_rows(case, gen, configs, reference_too)
     rows += elementwise_rows(gen)
 
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -287,6 +319,7 @@ def main(argv: list[str]) -> int:
         {"environment": env, "copy": dataclasses.asdict(copy) | {"gbps": copy.gbps()},
          "rows": [dataclasses.asdict(r) | {"gbps": r.gbps(), "tflops": r.tflops()} for r in rows]},
         indent=1))
+    print("\n".join(["compiled attention variants:", *compiled_report(triton_attention._attention_kernel)]))
     print(report)
     return 0
 

@@ -61,7 +61,6 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_config(
-    num_tokens: int,
     num_seqs: int,
     num_q_heads: int,
     num_kv_heads: int,
@@ -77,25 +76,27 @@ def choose_config(
       chunk reuses each K/V tile across many query tokens.
     * tile_n: K and V tiles of at most 16 KB each, so three pipeline stages fit in shared
       memory for any head dim up to 256.
-    * num_splits: only when the plain grid cannot cover the multiprocessors twice over and
-      the contexts are long enough that each piece still streams several key tiles.
+    * num_splits: decode batches only (a prefill chunk brings many query tiles of its own).
+      When their programs (one per request and KV head) fall short of ~3 per multiprocessor,
+      the fewest power-of-two pieces that reach it, each still streaming >= 4 key tiles. Measured on an H100 (bench/NOTES.md):
+      batch 64 x 8 KV heads = 512 programs streams at 91 % of copy unsplit and loses with 2
+      pieces; batch 4 at context 32k runs 3x faster split.
     """
     group = num_q_heads // num_kv_heads
     block_m = max(16, _next_pow2(group))
     if max_seqlen_q > 1:
         block_m = max(block_m, min(64, _next_pow2(max_seqlen_q * group)))
-    block_q = block_m // group
 
     elem = torch.tensor([], dtype=dtype).element_size()
     tile_n = max(16, min(64, 16384 // (_next_pow2(head_dim) * elem)))
 
-    programs = (num_tokens // block_q + num_seqs) * num_kv_heads
     num_splits = 1
-    if programs < 2 * num_sms:
-        want = -(-2 * num_sms // max(programs, 1))
-        most = max(1, max_seqlen_k // (4 * tile_n))  # each piece keeps >= 4 key tiles
-        num_splits = min(want, most, 16)
-        num_splits = 1 << (num_splits.bit_length() - 1)  # round down to a power of two
+    programs = num_seqs * num_kv_heads
+    target = 3 * num_sms
+    if max_seqlen_q == 1 and programs < target:
+        most = max(1, max_seqlen_k // (4 * tile_n))
+        most = 1 << (most.bit_length() - 1)  # round down to a power of two
+        num_splits = min(_next_pow2(-(-target // max(programs, 1))), most, 32)
     return AttentionConfig(block_m=block_m, tile_n=tile_n, num_splits=num_splits)
 
 
@@ -286,7 +287,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Triton version of `reference.paged_attention`: same signature, same result."""
     config = choose_config(
-        q.shape[0], seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
+        seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
         max_seqlen_q, max_seqlen_k, _num_sms(q.device),
     )
     return paged_attention_with(config, q, k_cache, v_cache, cu_seqlens_q, seq_lens,

@@ -374,7 +374,7 @@ def test_paged_attention_split_k(mode, num_splits, gen, seed):
     """Flash-decoding pieces, including pieces with no keys at all, merge to the same result."""
     q_lens, seq_lens = ragged_lengths(mode, 3, 160, gen)
     batch = make_batch(q_lens, seq_lens, 2, 4, 64, 16, torch.float32, gen)
-    base = triton_attention.choose_config(batch.q.shape[0], 3, 8, 2, 64, torch.float32,
+    base = triton_attention.choose_config(3, 8, 2, 64, torch.float32,
                                           batch.max_seqlen_q, batch.max_seqlen_k, 132)
     config = dataclasses.replace(base, num_splits=num_splits)
     _check_attention(batch, torch.float32, seed, config)
@@ -398,13 +398,13 @@ def test_paged_attention_empty_request(gen, seed):
 
 
 def test_choose_config_splits_only_long_small_batches():
-    big = triton_attention.choose_config(64, 64, 32, 8, 128, torch.bfloat16, 1, 2048, 132)
-    small = triton_attention.choose_config(2, 2, 32, 8, 128, torch.bfloat16, 1, 32768, 132)
-    short = triton_attention.choose_config(2, 2, 32, 8, 128, torch.bfloat16, 1, 100, 132)
+    big = triton_attention.choose_config(64, 32, 8, 128, torch.bfloat16, 1, 2048, 132)
+    small = triton_attention.choose_config(2, 32, 8, 128, torch.bfloat16, 1, 32768, 132)
+    short = triton_attention.choose_config(2, 32, 8, 128, torch.bfloat16, 1, 100, 132)
     assert big.num_splits == 1
     assert small.num_splits > 1
     assert short.num_splits == 1
-    prefill = triton_attention.choose_config(512, 1, 32, 8, 128, torch.bfloat16, 512, 512, 132)
+    prefill = triton_attention.choose_config(1, 32, 8, 128, torch.bfloat16, 512, 512, 132)
     assert prefill.block_m == 64 and prefill.num_splits == 1
 
 
