@@ -39,13 +39,12 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
     holding cos in the first D/2 columns and sin in the last D/2.
     """
     half = q.shape[-1] // 2
-    cs = cos_sin[positions.long()]
-    cos = cs[:, None, :half].repeat(1, 1, 2)
-    sin = cs[:, None, half:].repeat(1, 1, 2)
+    cs = cos_sin.index_select(0, positions.long())[:, None, :]
+    cos, sin = cs[..., :half], cs[..., half:]
     for t in (q, k):
-        tf = t.float()
-        rotated = torch.cat((-tf[..., half:], tf[..., :half]), dim=-1)
-        t.copy_(tf * cos + rotated * sin)
+        x1, x2 = t[..., :half].float(), t[..., half:].float()
+        t[..., :half] = x1 * cos - x2 * sin
+        t[..., half:] = x2 * cos + x1 * sin
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -101,9 +100,9 @@ def paged_attention(
         if q_len == 0:
             continue
         n_blocks = -(-seq_len // block_size)
-        blocks = block_tables[i, :n_blocks].long()
-        k_i = k_cache[blocks].flatten(0, 1)[:seq_len]
-        v_i = v_cache[blocks].flatten(0, 1)[:seq_len]
+        blocks = block_tables[i, :n_blocks]
+        k_i = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+        v_i = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
         mask = None
         if q_len > 1:
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
@@ -125,17 +124,16 @@ def _decode_attention(
     scale: float,
     max_seqlen_k: int,
 ) -> torch.Tensor:
-    """One query per request: gather every context into one padded batch, one SDPA call."""
-    block_size = k_cache.shape[1]
-    pos = torch.arange(max_seqlen_k, device=q.device)
+    """One query per request: gather whole blocks into one padded batch, one SDPA call."""
+    batch, block_size = q.shape[0], k_cache.shape[1]
     n_blocks = -(-max_seqlen_k // block_size)
-    table = block_tables[:, :n_blocks].long().clamp_min(0)
-    slots = (table[:, pos // block_size] * block_size + pos % block_size)  # [B, L]
-    valid = pos[None, :] < seq_lens[:, None].long()
-    slots = torch.where(valid, slots, torch.zeros_like(slots))
-    k = k_cache.view(-1, *k_cache.shape[2:])[slots].transpose(1, 2).to(q.dtype)  # [B, Hk, L, D]
-    v = v_cache.view(-1, *v_cache.shape[2:])[slots].transpose(1, 2).to(q.dtype)
+    blocks = block_tables[:, :n_blocks].clamp_min(0).flatten()
+    length = n_blocks * block_size
+    k = k_cache.index_select(0, blocks).view(batch, length, *k_cache.shape[2:]).transpose(1, 2)
+    v = v_cache.index_select(0, blocks).view(batch, length, *v_cache.shape[2:]).transpose(1, 2)
+    valid = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
     o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
+        q[:, :, None, :], k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=True,
     )
     return o[:, :, 0, :]

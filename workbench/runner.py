@@ -38,6 +38,8 @@ class ModelRunner:
                  dtype: torch.dtype, kernel_backend: str = "auto", seed: int = 0) -> None:
         self.model = loaded.model
         self.model.kernels = select(device, kernel_backend)
+        if device.type == "cpu":
+            self.model.use_cpu_layout()
         self.device, self.dtype, self.block_size = device, dtype, block_size
         cfg = loaded.config
         shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)

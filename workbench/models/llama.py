@@ -132,6 +132,19 @@ class DecoderModel(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return hidden @ weight.t()
 
+    def use_cpu_layout(self) -> None:
+        """Store the wide matrices column-major: MKL's skinny GEMMs read them ~10-50% faster.
+
+        Measured on the 2-core CI machine (bench/NOTES.md): the LM head 22 -> 10 ms per
+        decode step at batch 8; qkv, o and gate_up ~10%; down_proj is slower that way,
+        so it stays row-major. Values are unchanged, only the memory order.
+        """
+        wide = [self.embed_tokens] + ([self.lm_head] if self.lm_head is not None else [])
+        for layer in self.layers:
+            wide += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj]
+        for module in wide:
+            module.weight.data = module.weight.data.t().contiguous().t()
+
     # ------------------------------------------------------------- weights
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy weights named the transformers way, fusing q/k/v and gate/up."""

@@ -1,0 +1,156 @@
+"""`workbench bench`: our engine against transformers on the same prompts, in one run.
+
+Peers: transformers `generate` (one padded static batch) and `generate_batch`
+(transformers' own continuous batching). All runs are greedy, ignore EOS so
+every system produces exactly the same number of tokens, and are timed after
+a warm-up. Results go to stdout and to `bench/results/` as Markdown + JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about graphics cards.",
+    "Explain continuous batching in one sentence.", "Give me three tips for a good night's sleep.",
+    "What does a compiler do?", "Describe the ocean to someone who has never seen it.",
+    "Why do leaves change colour in autumn?", "Write a limerick about a cat who codes.",
+]
+
+
+def chat_prompts(tokenizer: Any, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                             add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def time_best(fn: Callable[[], int], repeats: int) -> tuple[float, int, list[float]]:
+    """Run fn `repeats` times; return (best seconds, tokens, all seconds)."""
+    times, tokens = [], 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tokens = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), tokens, times
+
+
+def run_ours(loaded: Any, prompts: list[list[int]], new_tokens: int, **config: Any) -> Callable[[], int]:
+    from .engine import Engine
+
+    engine = Engine(loaded, **config)
+    engine.generate_batch(prompts[:2], max_new_tokens=4, ignore_eos=True, progress=False)  # warm-up
+
+    def go() -> int:
+        outs = engine.generate_batch(prompts, max_new_tokens=new_tokens, ignore_eos=True, progress=False)
+        return sum(len(o.token_ids) for o in outs)
+
+    go.engine = engine  # type: ignore[attr-defined]
+    return go
+
+
+def run_hf_generate(hf: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int) -> Callable[[], int]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def go() -> int:
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=pad)
+        return int((out.shape[1] - width) * len(prompts))
+
+    return go
+
+
+def run_hf_generate_batch(hf: Any, prompts: list[list[int]], new_tokens: int) -> Callable[[], int]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+    def go() -> int:
+        out = hf.generate_batch(prompts, generation_config=config, progress_bar=False)
+        return sum(len(o.generated_tokens) for o in out.values())
+
+    return go
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workbench bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--skip-generate-batch", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from .loading import load
+
+    loaded = load()
+    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
+    prompts = chat_prompts(loaded.tokenizer, args.requests)
+    rows: list[dict[str, Any]] = []
+
+    def measure(name: str, fn: Callable[[], int]) -> None:
+        fn_warm = fn()  # warm-up run, not timed
+        best, tokens, times = time_best(fn, args.repeats)
+        rows.append({"system": name, "tokens": tokens, "best_s": best, "times_s": times,
+                     "tok_per_s": tokens / best, "warmup_tokens": fn_warm})
+        print(f"{name:40s} {tokens:6d} tok  {best:7.2f} s  {tokens / best:8.1f} tok/s", flush=True)
+
+    ours = run_ours(loaded, prompts, args.new_tokens)
+    measure("cb-workbench Engine (continuous)", ours)
+    ours.engine.stop()  # type: ignore[attr-defined]
+    measure("transformers generate (padded static)", run_hf_generate(hf, loaded.tokenizer, prompts, args.new_tokens))
+    if not args.skip_generate_batch:
+        measure("transformers generate_batch (CB)", run_hf_generate_batch(hf, prompts, args.new_tokens))
+    report = _report(rows, args, transformers.__version__)
+    print(report["markdown"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"cpu_bench_{dt.date.today().isoformat()}"
+    stem.with_suffix(".md").write_text(report["markdown"])
+    stem.with_suffix(".json").write_text(json.dumps(report["data"], indent=2))
+    return 0
+
+
+def _report(rows: list[dict[str, Any]], args: argparse.Namespace, tf_version: str) -> dict[str, Any]:
+    ours = rows[0]["tok_per_s"]
+    for r in rows:
+        r["ours_over_this"] = ours / r["tok_per_s"]
+    meta = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(["workbench bench", *sys.argv[1:]]),
+        "device": f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": tf_version,
+        "workload": f"{args.requests} chat prompts x {args.new_tokens} new tokens, greedy, fp32, EOS ignored",
+        "repeats": args.repeats, "statistic": "best of repeats after one warm-up",
+    }
+    lines = [f"# CPU benchmark, {meta['date']}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [
+        "", "| system | tokens | best s | tok/s | ours / this | all runs s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        runs = ", ".join(f"{t:.2f}" for t in r["times_s"])
+        lines.append(f"| {r['system']} | {r['tokens']} | {r['best_s']:.2f} | {r['tok_per_s']:.1f} | "
+                     f"{r['ours_over_this']:.2f}x | {runs} |")
+    return {"markdown": "\n".join(lines) + "\n", "data": {"meta": meta, "rows": rows,
+                                                          "spread": {r["system"]: statistics.pstdev(r["times_s"]) for r in rows}}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Panel + Bokeh dashboard over a running engine (reads telemetry only)."""
