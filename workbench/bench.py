@@ -38,14 +38,28 @@ def chat_prompts(tokenizer: Any, n: int) -> list[list[int]]:
     return out
 
 
-def time_best(fn: Callable[[], int], repeats: int) -> tuple[float, int, list[float]]:
-    """Run fn `repeats` times; return (best seconds, tokens, all seconds)."""
-    times, tokens = [], 0
+def measure_interleaved(systems: list[tuple[str, Callable[[], int]]], repeats: int) -> list[dict[str, Any]]:
+    """Warm each system up, then time them in turn, `repeats` rounds.
+
+    Interleaving makes a slow spell of the machine (other processes on the two
+    cores) fall on every system alike instead of on whichever ran then.
+    """
+    for _, fn in systems:
+        fn()
+    times: dict[str, list[float]] = {name: [] for name, _ in systems}
+    tokens: dict[str, int] = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        tokens = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), tokens, times
+        for name, fn in systems:
+            t = time.perf_counter()
+            tokens[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    rows = []
+    for name, _ in systems:
+        median = statistics.median(times[name])
+        rows.append({"system": name, "tokens": tokens[name], "median_s": median, "times_s": times[name],
+                     "tok_per_s": tokens[name] / median})
+        print(f"{name:40s} {tokens[name]:6d} tok  {median:7.2f} s  {tokens[name] / median:8.1f} tok/s", flush=True)
+    return rows
 
 
 def run_ours(loaded: Any, prompts: list[list[int]], new_tokens: int, **config: Any) -> Callable[[], int]:
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench bench", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--skip-generate-batch", action="store_true")
     args = parser.parse_args(argv)
@@ -107,21 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load()
     hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
     prompts = chat_prompts(loaded.tokenizer, args.requests)
-    rows: list[dict[str, Any]] = []
-
-    def measure(name: str, fn: Callable[[], int]) -> None:
-        fn_warm = fn()  # warm-up run, not timed
-        best, tokens, times = time_best(fn, args.repeats)
-        rows.append({"system": name, "tokens": tokens, "best_s": best, "times_s": times,
-                     "tok_per_s": tokens / best, "warmup_tokens": fn_warm})
-        print(f"{name:40s} {tokens:6d} tok  {best:7.2f} s  {tokens / best:8.1f} tok/s", flush=True)
-
-    ours = run_ours(loaded, prompts, args.new_tokens)
-    measure("cb-workbench Engine (continuous)", ours)
-    ours.engine.stop()  # type: ignore[attr-defined]
-    measure("transformers generate (padded static)", run_hf_generate(hf, loaded.tokenizer, prompts, args.new_tokens))
+    systems: list[tuple[str, Callable[[], int]]] = [("cb-workbench Engine (continuous)",
+                                                     run_ours(loaded, prompts, args.new_tokens))]
+    systems.append(("transformers generate (padded static)",
+                    run_hf_generate(hf, loaded.tokenizer, prompts, args.new_tokens)))
     if not args.skip_generate_batch:
-        measure("transformers generate_batch (CB)", run_hf_generate_batch(hf, prompts, args.new_tokens))
+        systems.append(("transformers generate_batch (CB)", run_hf_generate_batch(hf, prompts, args.new_tokens)))
+    rows = measure_interleaved(systems, args.repeats)
+    systems[0][1].engine.stop()  # type: ignore[attr-defined]
     report = _report(rows, args, transformers.__version__)
     print(report["markdown"])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,13 +147,13 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, tf_version: st
         "device": f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": tf_version,
         "workload": f"{args.requests} chat prompts x {args.new_tokens} new tokens, greedy, fp32, EOS ignored",
-        "repeats": args.repeats, "statistic": "best of repeats after one warm-up",
+        "repeats": args.repeats, "statistic": "median of interleaved repeats after one warm-up each",
     }
     lines = [f"# CPU benchmark, {meta['date']}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [
-        "", "| system | tokens | best s | tok/s | ours / this | all runs s |", "|---|---|---|---|---|---|"]
+        "", "| system | tokens | median s | tok/s | ours / this | all runs s |", "|---|---|---|---|---|---|"]
     for r in rows:
         runs = ", ".join(f"{t:.2f}" for t in r["times_s"])
-        lines.append(f"| {r['system']} | {r['tokens']} | {r['best_s']:.2f} | {r['tok_per_s']:.1f} | "
+        lines.append(f"| {r['system']} | {r['tokens']} | {r['median_s']:.2f} | {r['tok_per_s']:.1f} | "
                      f"{r['ours_over_this']:.2f}x | {runs} |")
     return {"markdown": "\n".join(lines) + "\n", "data": {"meta": meta, "rows": rows,
                                                           "spread": {r["system"]: statistics.pstdev(r["times_s"]) for r in rows}}}
