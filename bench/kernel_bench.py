@@ -120,7 +120,7 @@ class AttentionCase:
 
     def bytes(self) -> int:
         """K and V once per KV head, q read and out written once, block tables and lengths."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = self.dtype.itemsize
         kv = 2 * sum(self.seq_lens) * self.num_kv_heads * self.head_dim * elem
         qo = 2 * sum(self.q_lens) * self.num_q_heads * self.head_dim * elem
         tables = sum(-(-s // self.block_size) for s in self.seq_lens) * 4

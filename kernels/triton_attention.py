@@ -20,10 +20,10 @@ sized from shapes and python ints alone: no host synchronisation, and the launch
 captured in a CUDA graph. A program finds its request by binary search over those starts;
 programs past the end of a request's rows return at once.
 
-Split-K (flash decoding): when the grid above has too few programs to fill the GPU (few
+Split-K (flash decoding): when a decode batch has too few programs to fill the GPU (few
 requests, long contexts) each program's key range is also cut into NUM_SPLITS pieces along
 a third grid axis; each piece writes an unnormalised partial output with its running max
-and sum, and a second small kernel merges them.
+and sum, and a second small kernel merges them. `choose_config` decides, from python ints.
 """
 
 from __future__ import annotations
@@ -87,8 +87,7 @@ def choose_config(
     if max_seqlen_q > 1:
         block_m = max(block_m, min(64, _next_pow2(max_seqlen_q * group)))
 
-    elem = torch.tensor([], dtype=dtype).element_size()
-    tile_n = max(16, min(64, 16384 // (_next_pow2(head_dim) * elem)))
+    tile_n = max(16, min(64, 16384 // (_next_pow2(head_dim) * dtype.itemsize)))
 
     num_splits = 1
     programs = num_seqs * num_kv_heads
