@@ -7,7 +7,7 @@ reads telemetry. Sources carry a `name` so a browser test can find them in
 
 from __future__ import annotations
 
-from bokeh.models import (ColumnDataSource, DataRange1d, FixedTicker, HoverTool, Range1d)
+from bokeh.models import BasicTicker, ColumnDataSource, DataRange1d, FixedTicker, HoverTool, Range1d
 from bokeh.plotting import figure
 
 from .data import CELL, PHASE_COLORS, Columns, grid_shape
@@ -41,6 +41,8 @@ def slot_figure(cells: ColumnDataSource, window_steps: int, max_batch: int, heig
                                       ("kind", "@kind"), ("tokens", "@num_tokens")]))
     fig.xaxis.axis_label = "step"
     fig.yaxis.axis_label = "batch slot"
+    fig.yaxis.ticker = BasicTicker(min_interval=1)
+    fig.xaxis.ticker = BasicTicker(min_interval=1)
     _style(fig)
     return fig
 

@@ -1,0 +1,175 @@
+"""`workbench serve` in a real browser: Debian's Chromium driven by Playwright, no network beyond loopback.
+
+Submits a prompt and watches its text stream, the KV grid and the slot heatmap
+change (both in what BokehJS holds and in the pixels it draws), moves the
+max-batch slider and reads the engine's config back from the page and from
+`/status`. The screenshot goes to the test's tmp dir, and also to
+$WORKBENCH_ARTIFACTS when that names a directory (a CI artifact folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+ROOT = Path(__file__).absolute().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+LOOPBACK = {"127.0.0.1", "localhost"}
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+def get_status(url: str) -> dict:
+    with urllib.request.urlopen(url + "status", timeout=5) as r:
+        return json.load(r)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`python -m workbench serve` on a free loopback port; yields its URL."""
+    from workbench.ui.app import free_port
+
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "serve", "--no-show", "--port", str(port), "--num-blocks", "48",
+         "--max-batch", "2", "--max-new-tokens", "24"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}/"
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"workbench serve exited with {proc.returncode}:\n"
+                                 f"{(tmp_path / 'serve.log').read_text()[-3000:]}")
+        try:
+            return get_status(url)
+        except OSError:
+            return None
+
+    try:
+        wait_until(up, 180, "workbench serve to answer /status", interval=0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_dashboard_in_chromium(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url = server
+    assert get_status(url)["config"]["max_batch"] == 2
+    external, failed, errors, scripts = [], [], [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1500, "height": 1150})
+
+            def route(r):  # nothing but loopback: a CDN request would be recorded and refused
+                if urlparse(r.request.url).hostname in LOOPBACK:
+                    r.continue_()
+                else:
+                    external.append(r.request.url)
+                    r.abort()
+
+            context.route("**/*", route)
+            page = context.new_page()
+            page.on("requestfailed", lambda r: failed.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("response", lambda r: scripts.append((r.url, r.status)) if r.url.split("?")[0].endswith(".js")
+                    else None)
+            page.goto(url)
+            js = "name => { const m = Bokeh.documents[0].get_model_by_name(name); return m ? m.data : null }"
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
+                                   "Bokeh.documents[0].get_model_by_name('kv-cells') !== null", timeout=60_000)
+            assert page.title() == "cb-workbench dashboard"
+            figures = page.locator(".bk-Figure")
+            assert figures.count() == 4
+            kv_before = page.evaluate(js, "kv-cells")
+            assert len(kv_before["owner"]) == 48 and not any(kv_before["owner"])
+            assert len(page.evaluate(js, "slot-cells")["step"]) == 0
+            slots_png, kv_png = figures.nth(0).screenshot(), figures.nth(1).screenshot()
+
+            # ---- submit a prompt; its text must grow in the page while the plots fill
+            page.locator("textarea").fill("Tell me about whales and the songs they sing.")
+            page.get_by_role("button", name="Submit").click()
+            text = page.locator('[data-rid="req-0"] [data-testid="output-text"]')
+            state = page.locator('[data-rid="req-0"] [data-testid="state"]')
+            wait_until(lambda: text.count() == 1, 30, "an output pane for req-0")
+            lengths, owners_seen, slot_counts = [], set(), []
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                lengths.append(len(text.inner_text()))
+                owners_seen |= set(page.evaluate(js, "kv-cells")["owner"])
+                slot_counts.append(len(page.evaluate(js, "slot-cells")["step"]))
+                if state.inner_text() != "streaming":
+                    break
+                page.wait_for_timeout(150)
+            assert state.inner_text() in ("length", "stop"), state.inner_text()
+            grew = sorted(set(lengths))
+            assert len(grew) >= 3 and grew[-1] > 0, f"streamed text did not grow step by step: {lengths}"
+            assert "req-0" in owners_seen, "the KV grid never showed req-0's blocks"
+            assert slot_counts[-1] > slot_counts[0] >= 0 and slot_counts[-1] >= 10
+            slot_data = page.evaluate(js, "slot-cells")
+            assert set(slot_data["request_id"]) == {"req-0"} and "decode" in slot_data["kind"]
+            assert figures.nth(0).screenshot() != slots_png, "the slot heatmap's pixels never changed"
+
+            # ---- the max-batch slider reaches the engine, and the page shows the engine's new config
+            handle = page.locator(".bk-input-group", has_text="max batch").locator(".noUi-handle")
+            if handle.count() != 1:
+                handle = page.locator(".noUi-handle").nth(1)  # sliders: max new tokens, max batch, ...
+            handle.focus()
+            handle.press("ArrowRight")
+            wait_until(lambda: get_status(url)["config"]["max_batch"] == 3, 30, "the engine's max_batch to become 3")
+            readout = page.locator('[data-testid="cfg-max_batch"]')
+            wait_until(lambda: readout.inner_text() == "3", 30, "the config readout to show max_batch=3")
+
+            # ---- a burst: three run at once now, and the grid holds several owners
+            page.get_by_role("button", name="Burst").click()
+            wait_until(lambda: len({o for o in page.evaluate(js, "kv-cells")["owner"] if o}) >= 2, 60,
+                       "two requests' blocks in the KV grid at once")
+            assert figures.nth(1).screenshot() != kv_png, "the KV grid's pixels never changed"
+            wait_until(lambda: int(page.locator('[data-testid="counter-running"]').inner_text()) == 3, 60,
+                       "three requests running at once")
+            page.mouse.move(0, 0)
+            page.wait_for_timeout(500)
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("WORKBENCH_ARTIFACTS"):
+        out = Path(os.environ["WORKBENCH_ARTIFACTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / "dashboard_browser.png")
+    assert shot.stat().st_size > 50_000
+    assert not external, f"the page asked for non-loopback resources: {external}"
+    assert not failed, f"requests failed: {failed}"
+    assert not errors, f"console errors: {errors}"
+    bokeh_js = [(u, s) for u, s in scripts if "/static/js/bokeh.min.js" in u]
+    assert bokeh_js and all(urlparse(u).hostname in LOOPBACK and s == 200 for u, s in bokeh_js), scripts
