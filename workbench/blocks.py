@@ -80,7 +80,6 @@ class BlockManager:
         """
         tokens = request.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
-        self.stats.queried_tokens += len(tokens)
         if not self.prefix_caching:
             return 0
         parent: int | None = None
@@ -99,9 +98,13 @@ class BlockManager:
             parent = h
         reused = len(request.block_ids) * self.block_size
         request.num_computed = reused
-        request.num_cached_tokens += reused
-        self.stats.hit_tokens += reused
         return reused
+
+    def count_admission(self, request: Request) -> None:
+        """Add an admitted request's lookup to the hit rate: once per admission, not per retry."""
+        self.stats.queried_tokens += request.num_tokens
+        self.stats.hit_tokens += request.num_computed
+        request.num_cached_tokens += request.num_computed
 
     def ensure(self, request: Request, num_tokens: int) -> bool:
         """Give the request enough blocks for `num_tokens`; all or nothing."""

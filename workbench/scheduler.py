@@ -86,14 +86,23 @@ class Scheduler:
         batch = Batch()
         if not self.running:
             self.static_members = 0
-        for request in [r for r in self.running if self.blocks.over_limit(r)]:
-            self._preempt(request, batch)
+        self._shed_after_reconfigure(batch)
         budget = self._schedule_running(batch, self.token_budget)
-        if not batch.preempted and self._may_admit():
+        # After a preemption, admitting would only take the blocks back; but with nothing left
+        # running, the head of the queue (often the request just preempted) must run, or the
+        # step would be empty and the engine would stall.
+        if (not batch.preempted or not self.running) and self._may_admit():
             self._admit(batch, budget)
         if self.policy == "static":
-            batch.padded_slots = max(0, self.static_members - len(self.running))
+            batch.padded_slots = max(0, min(self.static_members, self.max_batch) - len(self.running))
         return batch
+
+    def _shed_after_reconfigure(self, batch: Batch) -> None:
+        """Preempt, newest first, requests that a shrunk num_blocks or max_batch no longer allows."""
+        for request in reversed([r for r in self.running if self.blocks.over_limit(r)]):
+            self._preempt(request, batch)
+        while len(self.running) > self.max_batch:
+            self._preempt(self.running[-1], batch)
 
     def _schedule_running(self, batch: Batch, budget: int) -> int:
         # Decodes before prefill chunks; within each, oldest first.
@@ -130,15 +139,13 @@ class Scheduler:
         admitted = 0
         while self.waiting and len(self.running) < limit and budget > 0:
             request = self.waiting[0]
-            if not request.block_ids:
-                self.blocks.match_prefix(request)
+            self.blocks.match_prefix(request)
             n = min(request.remaining, budget)
             if not self.blocks.ensure(request, request.num_computed + n):
-                if not self.running:
-                    self.blocks.free_request(request)  # keep nothing while queued
-                    request.num_computed = 0
+                self._unmatch(request)
                 break
             self.waiting.popleft()
+            self.blocks.count_admission(request)
             request.status = Status.RUNNING
             self.running.append(request)
             batch.items.append(ScheduledItem(request, request.num_computed, n, "prefill"))
@@ -152,16 +159,21 @@ class Scheduler:
         """A static batch takes all its members now, even those with no budget this step."""
         while self.waiting and len(self.running) < limit:
             request = self.waiting[0]
-            if not request.block_ids:
-                self.blocks.match_prefix(request)
+            self.blocks.match_prefix(request)
             if not self.blocks.ensure(request, request.num_computed + 1):
-                self.blocks.free_request(request)
-                request.num_computed = 0
+                self._unmatch(request)
                 break
             self.waiting.popleft()
+            self.blocks.count_admission(request)
             request.status = Status.RUNNING
             self.running.append(request)
             self.static_members += 1
+
+    def _unmatch(self, request: Request) -> None:
+        """A request that stays queued holds no blocks: pinned prefix blocks could starve the
+        running requests, and a lone request could then never fit (a false 'too big' error)."""
+        self.blocks.free_request(request)
+        request.num_computed = 0
 
     def _preempt(self, request: Request, batch: Batch) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, queue at the front."""
@@ -193,4 +205,5 @@ class Scheduler:
         assert len(running) == len(self.running) and len(waiting) == len(self.waiting), "duplicate in a queue"
         assert all(r.status is Status.RUNNING for r in self.running)
         assert all(r.status is Status.WAITING for r in self.waiting)
+        assert all(not r.block_ids and r.num_computed == 0 for r in self.waiting), "a queued request holds blocks"
         self.blocks.check(self.running + list(self.waiting))
