@@ -86,7 +86,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._step_index = 0
-        self._pending = 0
+        self._pending = 0  # submitted, not yet handed to the scheduler (guarded by _lock)
+        self._lock = threading.Lock()  # orders submit against stop, so no request slips past a stop
         self.num_failed_steps = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, kernels=%s", self.loaded.name,
                  device, dtype, num_blocks, config.block_size, self.runner.kernels_name)
@@ -104,10 +105,11 @@ class Engine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still in flight end with an error chunk."""
-        if not self._running:
-            return
-        self._running = False
-        self._inbox.put(lambda: None)
+        with self._lock:
+            if not self._running:
+                return
+            self._running = False
+            self._inbox.put(lambda: None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         self._thread = None
@@ -136,10 +138,8 @@ class Engine:
         params = _make_params(params, sampling)
         ids = self.tokenize(prompt)
         self._check_fits(len(ids), params)
-        if self.config.max_queue is not None and self._pending >= self.config.max_queue:
-            raise QueueFullError(f"queue is full: max_queue={self.config.max_queue} requests are already waiting")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if not isinstance(rid, str) or not rid or rid in self._live:
+        if not isinstance(rid, str) or not rid:
             raise ValueError(f"request_id must be a new non-empty string, got {rid!r}")
         request = Request(rid, ids, params)
         request.timings.queued = time.perf_counter()
@@ -149,9 +149,17 @@ class Engine:
             loop = None
         handle = RequestHandle(rid, loop, on_done)
         live = _Live(request, handle, IncrementalDetokenizer(self.tokenizer, ids))
-        self._live[rid] = live
-        self._pending += 1
-        self._inbox.put(lambda: self._admit(live))
+        with self._lock:  # a stop() either comes after this (and ends the request) or made us raise
+            if not self._running:
+                raise RuntimeError("the engine is stopped; call engine.start() first")
+            if rid in self._live:
+                raise ValueError(f"request_id must be a new non-empty string, got {rid!r}")
+            queued = self._pending + len(self.scheduler.waiting)
+            if self.config.max_queue is not None and queued >= self.config.max_queue:
+                raise QueueFullError(f"queue is full: max_queue={self.config.max_queue} requests are already waiting")
+            self._live[rid] = live
+            self._pending += 1
+            self._inbox.put(lambda: self._admit(live))
         return handle
 
     async def generate(self, prompt: Any, **sampling: Any) -> RequestOutput:
@@ -295,11 +303,12 @@ class Engine:
                 return
 
     def _admit(self, live: _Live) -> None:
-        self._pending -= 1
-        if live.request.request_id not in self._live:
-            return  # cancelled before it reached the loop
-        self.scheduler.add(live.request)
-        self.telemetry.event(live.request.request_id, "queued", self._step_index, t=live.request.timings.queued)
+        request = live.request
+        if request.request_id in self._live:  # else cancelled before it reached the loop
+            self.scheduler.add(request)
+            self.telemetry.event(request.request_id, "queued", self._step_index, t=request.timings.queued)
+        with self._lock:
+            self._pending -= 1  # after the add: max_queue counts the request in one place or the other
 
     def _step_guarded(self) -> None:
         batch = Batch()
@@ -311,7 +320,7 @@ class Engine:
             self.num_failed_steps += 1
             victims = [i.request for i in batch.items] or list(self.scheduler.running)
             if self.num_failed_steps >= 3:
-                victims = [live.request for live in self._live.values()]
+                victims = [live.request for live in list(self._live.values())]  # submit may add meanwhile
             for request in victims:
                 live = self._live.get(request.request_id)
                 if live is not None:
@@ -365,7 +374,12 @@ class Engine:
         live = self._live[request.request_id]
         params = request.params
         old_len = len(request.text)
-        request.text += live.detok.push(token)
+        try:
+            request.text += live.detok.push(token)
+        except Exception as exc:  # noqa: BLE001 - this request's text is broken, not the step
+            log.exception("detokenizing %s failed", request.request_id)
+            self._end(live, "error", error=f"{type(exc).__name__}: {exc}")
+            return True
         reason = None
         if not params.ignore_eos and token in self.loaded.eos_token_ids:
             reason = "stop"
@@ -399,7 +413,10 @@ class Engine:
                                request.num_cached_tokens)
         chunk = StreamChunk(request.request_id, token_ids or [], request.text[live.sent:], True, reason, error, now)
         live.sent = len(request.text)
-        live.handle.push(chunk, output)
+        try:
+            live.handle.push(chunk, output)
+        except Exception:  # noqa: BLE001 - a caller's on_done callback must not fail the step
+            log.exception("on_done callback of %s raised", request.request_id)
 
     def _cancel(self, request_id: str) -> None:
         live = self._live.get(request_id)
