@@ -42,9 +42,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
     cs = cos_sin.index_select(0, positions.long())[:, None, :]
     cos, sin = cs[..., :half], cs[..., half:]
     for t in (q, k):
-        x1, x2 = t[..., :half].float(), t[..., half:].float()
-        t[..., :half] = x1 * cos - x2 * sin
-        t[..., half:] = x2 * cos + x1 * sin
+        x1, x2 = t[..., :half].float(), t[..., half:].float()  # views when t is fp32: compute both first
+        first, second = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        t[..., :half] = first
+        t[..., half:] = second
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ def paged_attention(
         if q_len == 0:
             continue
         n_blocks = -(-seq_len // block_size)
-        blocks = block_tables[i, :n_blocks]
+        blocks = block_tables[i, :n_blocks].clamp(0, k_cache.shape[0] - 1)
         k_i = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
         v_i = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
         mask = None
@@ -127,7 +128,7 @@ def _decode_attention(
     """One query per request: gather whole blocks into one padded batch, one SDPA call."""
     batch, block_size = q.shape[0], k_cache.shape[1]
     n_blocks = -(-max_seqlen_k // block_size)
-    blocks = block_tables[:, :n_blocks].clamp_min(0).flatten()
+    blocks = block_tables[:, :n_blocks].clamp(0, k_cache.shape[0] - 1).flatten()  # unused entries may be garbage
     length = n_blocks * block_size
     k = k_cache.index_select(0, blocks).view(batch, length, *k_cache.shape[2:]).transpose(1, 2)
     v = v_cache.index_select(0, blocks).view(batch, length, *v_cache.shape[2:]).transpose(1, 2)

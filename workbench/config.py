@@ -14,7 +14,7 @@ from typing import Any, Literal
 Policy = Literal["continuous", "static", "sequential"]
 
 # Fields that may change while requests are in flight (applied at a step boundary).
-LIVE_FIELDS = ("max_batch", "num_blocks", "token_budget", "prefix_caching", "policy")
+LIVE_FIELDS = ("max_batch", "num_blocks", "token_budget", "prefix_caching", "policy", "overlap")
 
 
 @dataclass(slots=True)
@@ -32,6 +32,7 @@ class EngineConfig:
     dtype: str | None = None
     kernels: Literal["auto", "torch", "triton"] = "auto"
     overlap: bool | None = None
+    cuda_graphs: bool = True
     max_queue: int | None = None
     telemetry_steps: int = 4096
     gpu_memory_fraction: float = 0.85
@@ -49,6 +50,8 @@ class EngineConfig:
         _check_choice("kernels", self.kernels, ("auto", "torch", "triton"))
         _check_choice("dtype", self.dtype, (None, "float32", "bfloat16", "float16"))
         _check_choice("prefix_caching", self.prefix_caching, (True, False))
+        _check_choice("overlap", self.overlap, (None, True, False))
+        _check_choice("cuda_graphs", self.cuda_graphs, (True, False))
         if self.max_queue is not None:
             _check_int("max_queue", self.max_queue, 1, 10_000_000)
         _check_int("telemetry_steps", self.telemetry_steps, 16, 10_000_000)

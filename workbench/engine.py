@@ -27,8 +27,8 @@ from .config import LIVE_FIELDS, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .handle import RequestHandle
 from .loading import LoadedModel, load
-from .request import Request, RequestOutput, SamplingParams, Status, StreamChunk
-from .runner import ModelRunner
+from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
+from .runner import InFlight, ModelRunner
 from .scheduler import Batch, Scheduler
 from .telemetry import SlotRecord, StepRecord, Telemetry
 
@@ -75,7 +75,17 @@ class Engine:
         self.loaded.model.extend_rope(model_len)
         self._model_len = model_len
         self.runner = ModelRunner(self.loaded, num_blocks=num_blocks, block_size=config.block_size, device=device,
-                                  dtype=dtype, kernel_backend=config.kernels, seed=config.seed)
+                                  dtype=dtype, kernel_backend=config.kernels, seed=config.seed,
+                                  max_model_len=min(model_len, num_blocks * config.block_size),
+                                  max_batch=config.max_batch, token_budget=config.token_budget,
+                                  cuda_graphs=config.cuda_graphs)
+        if self.config.overlap is None:
+            self.config = self.config.replace(overlap=device.type == "cuda")
+        self._inflight: InFlight | None = None
+        self._gpu_clock: tuple[torch.cuda.Event, float] | None = None
+        if self.runner.graphs is not None:
+            log.info("capturing decode CUDA graphs for batch sizes %s ...", self.runner.graphs.sizes)
+            self.runner.graphs.capture()
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.token_budget, config.policy)
         self.telemetry = Telemetry(config.telemetry_steps, max_events=64 * config.telemetry_steps)
@@ -282,11 +292,13 @@ class Engine:
     def _loop(self) -> None:
         try:
             while self._running:
-                self._drain_inbox(block=not self.scheduler.has_work())
-                if self._running and self.scheduler.has_work():
+                busy = self.scheduler.has_work() or self._inflight is not None
+                self._drain_inbox(block=not busy)
+                if self._running and (self.scheduler.has_work() or self._inflight is not None):
                     self._step_guarded()
         finally:
             self._drain_inbox(block=False)
+            self._inflight = None
             for live in list(self._live.values()):
                 self._end(live, "error", error="engine stopped")
 
@@ -311,14 +323,17 @@ class Engine:
             self._pending -= 1  # after the add: max_queue counts the request in one place or the other
 
     def _step_guarded(self) -> None:
-        batch = Batch()
+        batches: list[Batch] = []
         try:
-            self._step(batch)
+            self._step(batches)
             self.num_failed_steps = 0
         except Exception as exc:  # noqa: BLE001 - contained: fail the step's requests, keep serving
             log.exception("step %d failed", self._step_index)
+            self._inflight = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self.num_failed_steps += 1
-            victims = [i.request for i in batch.items] or list(self.scheduler.running)
+            victims = [i.request for b in batches for i in b.items] or list(self.scheduler.running)
             if self.num_failed_steps >= 3:
                 victims = [live.request for live in list(self._live.values())]  # submit may add meanwhile
             for request in victims:
@@ -326,29 +341,67 @@ class Engine:
                 if live is not None:
                     self._end(live, "error", error=f"{type(exc).__name__}: {exc}")
 
-    def _step(self, batch: Batch) -> None:
+    def _step(self, batches: list[Batch]) -> None:
+        """Schedule and launch step N+1, then finish step N (overlap) or N+1 itself (sync).
+
+        With overlap the CPU schedules and launches the next step while the GPU
+        still computes the previous one; requests sampled by that step hold a
+        PENDING token, which the runner fills on the device (carry-over).
+        """
         t0 = time.perf_counter()
-        scheduled = self.scheduler.schedule()
-        batch.items, batch.preempted, batch.padded_slots = scheduled.items, scheduled.preempted, scheduled.padded_slots
+        prev = self._inflight
+        batch = self.scheduler.schedule() if self.scheduler.has_work() else Batch()
         t1 = time.perf_counter()
         for request in batch.preempted:
             self.telemetry.event(request.request_id, "preempted", self._step_index)
-        if not batch.items:
-            self._fail_unschedulable()
+        flight = None
+        if batch.items:
+            batches.append(batch)
+            self._mark_scheduled(batch, t1)
+            flight = self.runner.launch(batch, prev)
+            flight.schedule_s, flight.t_start = t1 - t0, t0
+            for item in batch.items:
+                if item.samples:
+                    item.request.output_token_ids.append(PENDING)
+                    flight.placeholders[item.request.request_id] = len(item.request.output_token_ids) - 1
+        if prev is not None:
+            batches.append(prev.batch)
+            self._inflight = None
+            self._finish(prev)
+        if flight is None:
+            if prev is None:
+                self._fail_unschedulable()
             return
+        self.scheduler.advance(flight.batch)  # every input token of this step is known by now
+        if self.config.overlap:
+            self._inflight = flight
+        else:
+            self._finish(flight)
+
+    def _mark_scheduled(self, batch: Batch, now: float) -> None:
         for item in batch.items:
             if item.request.timings.first_scheduled is None:
-                item.request.timings.first_scheduled = t1
-                self.telemetry.event(item.request.request_id, "scheduled", self._step_index, t=t1)
-        tokens, timing = self.runner.execute(batch)
+                item.request.timings.first_scheduled = now
+                self.telemetry.event(item.request.request_id, "scheduled", self._step_index, t=now)
+
+    def _finish(self, flight: InFlight) -> None:
+        """Collect a step's tokens, stream them, stop what should stop, record the step."""
+        tokens = self.runner.collect(flight)
         t2 = time.perf_counter()
-        self.scheduler.advance(batch)
         finished: list[str] = []
-        for item, token in zip((i for i in batch.items if i.samples), tokens):
-            if self._on_token(item.request, token, t2):
-                finished.append(item.request.request_id)
+        accepted = 0
+        sampling = [i for i in flight.batch.items if i.samples]
+        for item, token in zip(sampling, tokens):
+            request = item.request
+            if request.request_id not in self._live:
+                continue  # ended while this step ran (cancel, or a stop seen one step late): discard
+            accepted += 1
+            position = flight.placeholders[request.request_id]
+            request.output_token_ids[position] = token
+            if self._on_token(request, token, position + 1, t2):
+                finished.append(request.request_id)
         t3 = time.perf_counter()
-        self._record(batch, tokens, finished, t0, t3, t1 - t0, timing.prepare_s, timing.forward_s, t3 - t2)
+        self._record(flight, accepted, finished, t3, t3 - t2)
         self._step_index += 1
 
     def _fail_unschedulable(self) -> None:
@@ -361,9 +414,8 @@ class Engine:
             f"request needs {request.max_total_tokens()} tokens of KV cache but only "
             f"{self.blocks.limit * self.config.block_size} exist (num_blocks={self.blocks.limit})"))
 
-    def _on_token(self, request: Request, token: int, now: float) -> bool:
-        """Append one sampled token, stream its text, and end the request if it should stop."""
-        request.output_token_ids.append(token)
+    def _on_token(self, request: Request, token: int, generated: int, now: float) -> bool:
+        """Take in one sampled token (the `generated`-th), stream its text, end the request if it should stop."""
         t = request.timings
         if t.first_token is None:
             t.first_token = now
@@ -383,7 +435,7 @@ class Engine:
         reason = None
         if not params.ignore_eos and token in self.loaded.eos_token_ids:
             reason = "stop"
-        elif len(request.output_token_ids) >= params.max_new_tokens:
+        elif generated >= params.max_new_tokens:
             reason = "length"
         if params.stop and _truncate_at_stop(request, old_len):
             reason = "stop"
@@ -408,6 +460,7 @@ class Engine:
         self._live.pop(request.request_id, None)
         kind = {"cancelled": "cancelled", "error": "error"}.get(reason, "finished")
         self.telemetry.event(request.request_id, kind, self._step_index, detail=error or reason, t=now)
+        request.output_token_ids = [t for t in request.output_token_ids if t != PENDING]
         output = RequestOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
                                request.text, reason, request.timings, error, request.num_preemptions,
                                request.num_cached_tokens)
@@ -440,20 +493,35 @@ class Engine:
         self.telemetry.event("engine", "reconfigured", self._step_index, detail=repr(
             {k: getattr(new, k) for k in LIVE_FIELDS}))
 
-    def _record(self, batch: Batch, tokens: list[int], finished: list[str], t0: float, t1: float,
-                schedule_s: float, prepare_s: float, forward_s: float, post_s: float) -> None:
+    def _record(self, flight: InFlight, accepted: int, finished: list[str], t_end: float, post_s: float) -> None:
+        batch = flight.batch
         slots = [SlotRecord(i.request.request_id, i.num_tokens, i.kind) for i in batch.items]
         slots += [SlotRecord("", 0, "padding")] * batch.padded_slots
         tables = {r.request_id: list(r.block_ids) for r in self.scheduler.running}
         counts = Counter(b for table in tables.values() for b in table)
+        gpu_start, gpu_end = self._gpu_times(flight)
         self.telemetry.record_step(StepRecord(
-            step=self._step_index, t_start=t0, t_end=t1, slots=slots, block_tables=tables,
+            step=self._step_index, t_start=flight.t_start, t_end=t_end, slots=slots, block_tables=tables,
             shared_blocks=sorted(b for b, c in counts.items() if c > 1), num_blocks=self.blocks.limit,
             num_free_blocks=self.blocks.num_free, num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting), tokens_emitted=len(tokens), finished=finished,
-            preempted=[r.request_id for r in batch.preempted], schedule_s=schedule_s, prepare_s=prepare_s,
-            forward_s=forward_s, postprocess_s=post_s, prefix_hit_rate=self.blocks.stats.hit_rate,
+            num_waiting=len(self.scheduler.waiting), tokens_emitted=accepted,
+            finished=finished, preempted=[r.request_id for r in batch.preempted], schedule_s=flight.schedule_s,
+            prepare_s=flight.prepare_s, forward_s=flight.launch_s, postprocess_s=post_s,
+            gpu_start=gpu_start, gpu_end=gpu_end, prefix_hit_rate=self.blocks.stats.hit_rate,
+            overlapped=bool(self.config.overlap), graphed=flight.graphed,
         ))
+
+    def _gpu_times(self, flight: InFlight) -> tuple[float | None, float | None]:
+        """The step's GPU span on the host clock, from CUDA events (None on a CPU)."""
+        if flight.gpu_start is None or flight.gpu_end is None:
+            return None, None
+        if self._gpu_clock is None:
+            ref = torch.cuda.Event(enable_timing=True)
+            ref.record(self.runner.compute_stream)
+            ref.synchronize()
+            self._gpu_clock = (ref, time.perf_counter())
+        ref, host = self._gpu_clock
+        return host + ref.elapsed_time(flight.gpu_start) / 1e3, host + ref.elapsed_time(flight.gpu_end) / 1e3
 
     def _auto_blocks(self, config: EngineConfig) -> int:
         per_block = self.loaded.config.kv_bytes_per_token(self.dtype) * config.block_size

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+PENDING = -1  # a token sampled by the step still on the GPU; filled in when that step is collected
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

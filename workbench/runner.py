@@ -1,22 +1,39 @@
 """ModelRunner: a scheduled batch in, one sampled token per finishing chunk out.
 
-It owns the device side: the KV cache tensors, the flat ragged input tensors
-of each step (no padding between requests), the forward pass and sampling.
+It owns the device side: the KV cache, the flat ragged inputs of each step (no
+padding between requests), the forward pass, sampling, and on CUDA the
+machinery that lets the CPU run ahead of the GPU:
+
+* `launch` prepares a step into one of two pinned host slots, copies it on an
+  H2D stream, runs it on the compute stream and starts an async D2H copy of the
+  sampled tokens on a third stream; it returns at once with an `InFlight`.
+* `collect` waits for that step's tokens only.
+* Carry-over: a request whose last token is still `PENDING` (sampled by the
+  step in flight) gets its input id gathered on the device from that step's
+  sampled tensor, so no host sync sits between steps.
+* Decode-only steps replay a CUDA graph captured per padded batch size.
+
+On a CPU everything runs synchronously inside `launch`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-
+from .graphs import DecodeGraphs
 from .kernels import select
 from .loading import LoadedModel
 from .models import AttentionContext
+from .request import PENDING
 from .sampling import Sampler
 from .scheduler import Batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -28,14 +45,45 @@ class StepInputs:
 
 
 @dataclass(slots=True)
-class StepTiming:
-    prepare_s: float
-    forward_s: float
+class InFlight:
+    """A launched step: where its tokens will land and how to know they have."""
+
+    batch: Batch
+    sampled: torch.Tensor | None  # device tensor [num_sampling], the carry-over source
+    host_tokens: torch.Tensor | None  # pinned [num_sampling] once the D2H copy is done
+    done: torch.cuda.Event | None
+    sample_index: dict[str, int] = field(default_factory=dict)
+    prepare_s: float = 0.0
+    launch_s: float = 0.0
+    gpu_start: torch.cuda.Event | None = None
+    gpu_end: torch.cuda.Event | None = None
+    graphed: bool = False
+    tokens: list[int] | None = None
+    placeholders: dict[str, int] = field(default_factory=dict)  # request id -> index of its PENDING token
+    schedule_s: float = 0.0
+    t_start: float = 0.0
+
+
+class _HostSlot:
+    """One of the two pinned staging areas, so the CPU never overwrites what a copy still reads."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+        def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(n, dtype=dtype, pin_memory=pin)
+
+        self.ids, self.carry = buf(max_tokens, torch.int64), buf(max_tokens, torch.int64)
+        self.positions, self.slots = buf(max_tokens, torch.int64), buf(max_tokens, torch.int64)
+        self.cu, self.seq_lens = buf(max_seqs + 1, torch.int32), buf(max_seqs, torch.int32)
+        self.logits_idx = buf(max_seqs, torch.int64)
+        self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.sampled = buf(max_seqs, torch.int64)
+        self.copied: torch.cuda.Event | None = None
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, kernel_backend: str = "auto", seed: int = 0) -> None:
+                 dtype: torch.dtype, kernel_backend: str = "auto", seed: int = 0, max_model_len: int = 8192,
+                 max_batch: int = 256, token_budget: int = 8192, cuda_graphs: bool = True) -> None:
         self.model = loaded.model
         self.model.kernels = select(device, kernel_backend)
         if device.type == "cpu":
@@ -46,6 +94,17 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.sampler = Sampler(device, seed)
+        self.max_blocks = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
+        self.cuda = device.type == "cuda"
+        max_tokens, max_seqs = max(token_budget, max_batch), max_batch
+        self._slots = [_HostSlot(max_tokens, max_seqs, self.max_blocks, self.cuda) for _ in range(2)]
+        self._next_slot = 0
+        if self.cuda:
+            self.compute_stream = torch.cuda.Stream(device)
+            self.h2d_stream = torch.cuda.Stream(device)
+            self.d2h_stream = torch.cuda.Stream(device)
+        self.graphs = DecodeGraphs(self, max_batch) if (self.cuda and cuda_graphs) else None
 
     @property
     def kernels_name(self) -> str:
@@ -55,52 +114,132 @@ class ModelRunner:
         self.sampler.release(request_id)
 
     # --------------------------------------------------------------- prepare
-    def prepare(self, batch: Batch) -> StepInputs:
-        """Flatten the batch: every request's new tokens back to back, plus their cache slots."""
+    def _fill(self, slot: _HostSlot, batch: Batch, prev: InFlight | None) -> tuple[int, int, int, int]:
+        """Write the batch into a pinned slot; return (tokens, seqs, sampling rows, table width)."""
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu, seq_lens, logits_idx, tables = [0], [], [], []
-        for item in batch.items:
+        ids, carry, pos, slots = slot.ids.numpy(), slot.carry.numpy(), slot.positions.numpy(), slot.slots.numpy()
+        cu, seq_lens, logits_idx, tables = slot.cu.numpy(), slot.seq_lens.numpy(), slot.logits_idx.numpy(), slot.tables.numpy()
+        t, width, n_sample = 0, 1, 0
+        cu[0] = 0
+        for i, item in enumerate(batch.items):
             r, s, n = item.request, item.start, item.num_tokens
-            ids.extend(_token_slice(r.prompt_token_ids, r.output_token_ids, s, n))
-            positions.extend(range(s, s + n))
-            blocks = r.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(s, s + n))
-            cu.append(cu[-1] + n)
-            seq_lens.append(s + n)
-            tables.append(blocks)
+            tokens = _token_slice(r.prompt_token_ids, r.output_token_ids, s, n)
+            ids[t : t + n] = tokens
+            carry[t : t + n] = -1
+            if tokens[-1] == PENDING:
+                if prev is None or r.request_id not in prev.sample_index:
+                    raise RuntimeError(f"{r.request_id}: pending token with no step in flight to carry it from")
+                carry[t + n - 1] = prev.sample_index[r.request_id]
+                ids[t + n - 1] = 0
+            p = np.arange(s, s + n)
+            pos[t : t + n] = p
+            blocks = np.asarray(r.block_ids, dtype=np.int64)
+            slots[t : t + n] = blocks[p // bs] * bs + p % bs
+            tables[i, : len(blocks)] = blocks
+            width = max(width, len(blocks))
+            t += n
+            cu[i + 1] = t
+            seq_lens[i] = s + n
             if item.samples:
-                logits_idx.append(cu[-1] - 1)
-        width = max(len(t) for t in tables)
-        table = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-        as_tensor = lambda x, dt: torch.tensor(x, dtype=dt).to(dev, non_blocking=True)  # noqa: E731
+                logits_idx[n_sample] = t - 1
+                n_sample += 1
+        return t, len(batch.items), n_sample, width
+
+    def _to_device(self, slot: _HostSlot, T: int, B: int, S: int, width: int,
+                   prev: InFlight | None) -> StepInputs:
+        dev, nb = self.device, self.cuda
+        ids = slot.ids[:T].to(dev, non_blocking=nb)
+        carry = slot.carry[:T].to(dev, non_blocking=nb)
+        if prev is not None and prev.sampled is not None and bool((slot.carry[:T] >= 0).any()):
+            src = prev.sampled[carry.clamp_min(0)]
+            ids = torch.where(carry >= 0, src, ids)
         ctx = AttentionContext(
-            cu_seqlens_q=as_tensor(cu, torch.int32), seq_lens=as_tensor(seq_lens, torch.int32),
-            block_tables=as_tensor(table, torch.int32), slot_mapping=as_tensor(slots, torch.int64),
-            max_seqlen_q=max(i.num_tokens for i in batch.items), max_seqlen_k=max(seq_lens),
+            cu_seqlens_q=slot.cu[: B + 1].to(dev, non_blocking=nb), seq_lens=slot.seq_lens[:B].to(dev, non_blocking=nb),
+            block_tables=slot.tables[:B, :width].to(dev, non_blocking=nb),
+            slot_mapping=slot.slots[:T].to(dev, non_blocking=nb),
+            max_seqlen_q=int(np.diff(slot.cu.numpy()[: B + 1]).max()), max_seqlen_k=int(slot.seq_lens.numpy()[:B].max()),
             kv_caches=self.kv_caches,
         )
-        return StepInputs(as_tensor(ids, torch.int64), as_tensor(positions, torch.int64),
-                          as_tensor(logits_idx, torch.int64), ctx)
+        return StepInputs(ids, slot.positions[:T].to(dev, non_blocking=nb), slot.logits_idx[:S].to(dev, non_blocking=nb), ctx)
 
-    # --------------------------------------------------------------- execute
+    def prepare(self, batch: Batch, prev: InFlight | None = None) -> StepInputs:
+        slot = self._slots[self._next_slot]
+        T, B, S, width = self._fill(slot, batch, prev)
+        return self._to_device(slot, T, B, S, width, prev)
+
+    # ---------------------------------------------------------------- launch
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> tuple[list[int], StepTiming]:
-        """Run one step; return the sampled token of every item whose chunk reached its end."""
+    def launch(self, batch: Batch, prev: InFlight | None = None) -> InFlight:
+        """Start one step; on CUDA this returns before the GPU has finished it."""
         t0 = time.perf_counter()
-        inputs = self.prepare(batch)
-        t1 = time.perf_counter()
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        slot = self._slots[self._next_slot]
+        if slot.copied is not None:
+            slot.copied.synchronize()  # the copy from two steps ago has read this slot
+        if batch.num_tokens > len(slot.ids) or len(batch.items) > len(slot.cu) - 1:
+            slot = self._slots[self._next_slot] = _HostSlot(  # the budget or batch grew live
+                max(batch.num_tokens, len(slot.ids)), max(len(batch.items), len(slot.cu) - 1), self.max_blocks, self.cuda)
+        self._next_slot ^= 1
+        T, B, S, width = self._fill(slot, batch, prev)
         sampling = [i for i in batch.items if i.samples]
-        tokens: list[int] = []
-        if sampling:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-            ids = [i.request.request_id for i in sampling]
-            tokens = self.sampler.sample(logits, ids, [i.request.params for i in sampling]).tolist()
-        return tokens, StepTiming(prepare_s=t1 - t0, forward_s=time.perf_counter() - t1)
+        flight = InFlight(batch, None, None, None, {i.request.request_id: j for j, i in enumerate(sampling)})
+        t1 = time.perf_counter()
+        flight.prepare_s = t1 - t0
+        if not self.cuda:
+            inputs = self._to_device(slot, T, B, S, width, prev)
+            flight.sampled = self._forward_sample(inputs, sampling) if sampling else torch.empty(0, dtype=torch.int64)
+            flight.tokens = flight.sampled.tolist()
+            flight.launch_s = time.perf_counter() - t1
+            return flight
+        with torch.cuda.stream(self.h2d_stream):
+            inputs = self._to_device(slot, T, B, S, width, prev)
+            slot.copied = torch.cuda.Event()
+            slot.copied.record(self.h2d_stream)
+        self.compute_stream.wait_event(slot.copied)
+        with torch.cuda.stream(self.compute_stream):
+            if prev is not None and prev.gpu_end is not None:
+                self.compute_stream.wait_event(prev.gpu_end)
+            flight.gpu_start = torch.cuda.Event(enable_timing=True)
+            flight.gpu_start.record()
+            graphed = self.graphs is not None and self.graphs.can_run(batch, T, B, S)
+            if graphed:
+                logits = self.graphs.run(inputs, B)
+                sampled = self.sampler.sample(logits, [i.request.request_id for i in sampling],
+                                              [i.request.params for i in sampling])
+            else:
+                sampled = self._forward_sample(inputs, sampling) if sampling else torch.empty(0, dtype=torch.int64, device=self.device)
+            flight.gpu_end = torch.cuda.Event(enable_timing=True)
+            flight.gpu_end.record()
+        flight.graphed, flight.sampled = graphed, sampled
+        for t in (inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.ctx.slot_mapping,
+                  inputs.ctx.cu_seqlens_q, inputs.ctx.seq_lens, inputs.ctx.block_tables):
+            t.record_stream(self.compute_stream)
+        self.d2h_stream.wait_event(flight.gpu_end)
+        with torch.cuda.stream(self.d2h_stream):
+            flight.host_tokens = slot.sampled[: len(sampling)]
+            flight.host_tokens.copy_(sampled, non_blocking=True)
+            sampled.record_stream(self.d2h_stream)
+            flight.done = torch.cuda.Event()
+            flight.done.record()
+        flight.launch_s = time.perf_counter() - t1
+        return flight
+
+    def _forward_sample(self, inputs: StepInputs, sampling: list) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        return self.sampler.sample(logits, [i.request.request_id for i in sampling],
+                                   [i.request.params for i in sampling])
+
+    def collect(self, flight: InFlight) -> list[int]:
+        """The step's sampled tokens on the host, waiting only for that step."""
+        if flight.tokens is None:
+            assert flight.done is not None and flight.host_tokens is not None
+            flight.done.synchronize()
+            flight.tokens = flight.host_tokens.tolist()
+        return flight.tokens
+
+    def execute(self, batch: Batch) -> list[int]:
+        """Launch and collect one step (the synchronous path, and tests)."""
+        return self.collect(self.launch(batch))
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:

@@ -27,17 +27,22 @@ Kind = Literal["prefill", "decode"]
 
 @dataclass(slots=True)
 class ScheduledItem:
-    """`num_tokens` tokens of `request`, starting at position `start`."""
+    """`num_tokens` tokens of `request`, starting at position `start`.
+
+    `samples` is fixed when scheduled: the chunk reaches the end of the
+    request's tokens, so its last position's logits give the next token.
+    """
 
     request: Request
     start: int
     num_tokens: int
     kind: Kind
+    samples: bool = False
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the request's tokens."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_tokens: int, kind: Kind) -> "ScheduledItem":
+        start = request.num_computed
+        return cls(request, start, num_tokens, kind, start + num_tokens == request.num_tokens)
 
 
 @dataclass(slots=True)
@@ -112,11 +117,13 @@ class Scheduler:
                 break
             if request.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if len(request.output_token_ids) >= request.params.max_new_tokens:
+                continue  # its last token is still on the GPU; the engine finishes it on collection
             n = min(request.remaining, budget)
             if not self._reserve(request, n, batch):
                 continue
             kind: Kind = "prefill" if request.in_prefill else "decode"
-            batch.items.append(ScheduledItem(request, request.num_computed, n, kind))
+            batch.items.append(ScheduledItem.of(request, n, kind))
             budget -= n
         return budget
 
@@ -148,7 +155,7 @@ class Scheduler:
             self.blocks.count_admission(request)
             request.status = Status.RUNNING
             self.running.append(request)
-            batch.items.append(ScheduledItem(request, request.num_computed, n, "prefill"))
+            batch.items.append(ScheduledItem.of(request, n, "prefill"))
             budget -= n
             admitted += 1
         if self.policy == "static" and admitted:

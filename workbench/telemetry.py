@@ -51,6 +51,8 @@ class StepRecord:
     gpu_start: float | None = None
     gpu_end: float | None = None
     prefix_hit_rate: float = 0.0
+    overlapped: bool = False
+    graphed: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -99,6 +101,14 @@ class Telemetry:
     def last_step(self) -> StepRecord | None:
         with self._lock:
             return self._steps[-1] if self._steps else None
+
+    def gpu_busy(self, last: int = 200) -> float | None:
+        """Fraction of wall time the GPU was computing over the last `last` steps (None without GPU spans)."""
+        spans = [(r.gpu_start, r.gpu_end) for r in self.steps()[-last:] if r.gpu_start is not None]
+        if len(spans) < 2:
+            return None
+        busy = sum(e - s for s, e in spans)
+        return min(1.0, busy / (spans[-1][1] - spans[0][0]))
 
     def clear(self) -> None:
         with self._lock:
