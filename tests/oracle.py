@@ -19,12 +19,13 @@ from workbench.scheduler import Scheduler
 
 def forced_logits(loaded: LoadedModel, prompts: list[list[int]], continuations: list[list[int]], *,
                   block_size: int = 16, token_budget: int = 4096, max_batch: int = 64,
-                  num_blocks: int | None = None) -> list[torch.Tensor]:
+                  num_blocks: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  kernel_backend: str = "torch") -> list[torch.Tensor]:
     """Logits [len(prompt) + len(cont) - 1, V] for each request, position by position."""
     total = sum(len(p) + len(c) for p, c in zip(prompts, continuations))
     num_blocks = num_blocks or (total // block_size + 2 * len(prompts) + 1)
-    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=block_size, device=torch.device("cpu"),
-                         dtype=torch.float32, kernel_backend="torch")
+    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=block_size, device=torch.device(device),
+                         dtype=dtype, kernel_backend=kernel_backend, cuda_graphs=False)
     blocks = BlockManager(num_blocks, block_size, prefix_caching=False)
     scheduler = Scheduler(blocks, max_batch=max_batch, token_budget=token_budget)
     requests = [Request(f"r{i}", list(p), SamplingParams(max_new_tokens=len(c) + 1, ignore_eos=True))
@@ -52,17 +53,17 @@ def forced_logits(loaded: LoadedModel, prompts: list[list[int]], continuations: 
                     r.output_token_ids.append(cont[r.request_id][len(r.output_token_ids)])
         scheduler.check()
     assert blocks.num_free == num_blocks
-    return [torch.cat(rows[r.request_id])[: wanted[r.request_id]] for r in requests]
+    return [torch.cat(rows[r.request_id])[: wanted[r.request_id]].cpu() for r in requests]
 
 
 def hf_logits(hf_model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt + continuation])
+    ids = torch.tensor([prompt + continuation], device=hf_model.device)
     with torch.no_grad():
-        return hf_model(ids).logits[0, :-1].float()
+        return hf_model(ids).logits[0, :-1].float().cpu()
 
 
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf_model.device)
     with torch.no_grad():
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)

@@ -1,0 +1,100 @@
+"""The engine on CUDA with the Triton kernels (skipped without a GPU; run on the device, results in bench/results/)."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import workbench
+from oracle import forced_logits, hf_greedy, hf_logits
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+pytestmark = pytest.mark.gpu
+
+
+def tokenizer():
+    folder = Path(__file__).parents[1] / ".cache" / "gpu" / "smollm2"
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def random_smollm2(dtype: torch.dtype, seed: int = 0, std: float = 0.02):
+    """A SmolLM2-135M-shaped transformers model with random weights, on the GPU."""
+    from shapes import config
+
+    torch.manual_seed(seed)
+    cfg = config("smollm2")
+    cfg.initializer_range = std
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).cuda().eval()
+
+
+@pytest.fixture(scope="module")
+def hf32():
+    return random_smollm2(torch.float32, std=0.05)
+
+
+def prompts(n: int, seed: int, lo: int = 8, hi: int = 200) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49152) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def test_bf16_triton_logits_match_transformers_fp32(hf32):
+    """Teacher-forced logits of our bf16 engine path vs transformers in fp32 (same weights)."""
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.bfloat16, device="cuda")
+    ps = prompts(6, 1)
+    conts = [hf_greedy(hf32, p, 32) for p in ps]
+    ours = forced_logits(loaded, ps, conts, block_size=16, token_budget=97, device="cuda", dtype=torch.bfloat16,
+                         kernel_backend="triton")
+    for p, c, o in zip(ps, conts, ours):
+        ref = hf_logits(hf32, p, c)
+        rel = ((o - ref).norm() / ref.norm()).item()
+        assert rel < 2e-2, f"relative error {rel:.2e}"
+
+
+def test_fp32_triton_greedy_equals_transformers(hf32):
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
+    ps = prompts(8, 2)
+    expected = [hf_greedy(hf32, p, 32) for p in ps]
+    with workbench.Engine(loaded, dtype="float32", device="cuda", num_blocks=1024, token_budget=256) as engine:
+        assert engine.runner.kernels_name == "triton"
+        outs = engine.generate_batch(ps, max_new_tokens=32, ignore_eos=True, progress=False)
+    assert [o.token_ids for o in outs] == expected
+
+
+def workload_b(n: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    ps = [[rng.randrange(3, 49152) for _ in range(rng.randint(16, 1024))] for _ in range(n)]
+    return ps, [rng.randint(16, 512) for _ in range(n)]
+
+
+def test_overlap_equals_sync_fp32_with_preemption(hf32):
+    """Workload (b) in fp32, KV cache far too small: preemptions happen, both loops give the same tokens."""
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
+    ps, outs = workload_b()
+    results, preempted = {}, {}
+    for overlap in (False, True):
+        with workbench.Engine(loaded, dtype="float32", device="cuda", num_blocks=1500, max_batch=128,
+                              token_budget=2048, overlap=overlap) as engine:
+            handles = [engine.submit(p, max_new_tokens=m, ignore_eos=True) for p, m in zip(ps, outs)]
+            results[overlap] = [h.result(timeout=600).token_ids for h in handles]
+            preempted[overlap] = sum(len(s.preempted) for s in engine.telemetry.steps())
+            engine.check_invariants()
+    assert preempted[True] > 0 and preempted[False] > 0
+    assert [len(r) for r in results[True]] == outs
+    assert results[True] == results[False]
+
+
+def test_decode_steps_replay_cuda_graphs(hf32):
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.bfloat16, device="cuda")
+    with workbench.Engine(loaded, device="cuda", num_blocks=512, max_batch=16) as engine:
+        a = engine.generate_batch(prompts(5, 3), max_new_tokens=24, ignore_eos=True, progress=False)
+        steps = engine.telemetry.steps()
+        assert sum(s.graphed for s in steps) >= 20 and all(s.gpu_start is not None for s in steps)
+        assert engine.telemetry.gpu_busy() is not None
+        engine.reconfigure(overlap=False)
+        b = engine.generate_batch(prompts(5, 3), max_new_tokens=24, ignore_eos=True, progress=False)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
