@@ -58,6 +58,23 @@ def test_shared_system_prompt_hits_the_prefix_cache_and_gives_the_same_text(make
         hits / (looked_up + sum(len(o.prompt_token_ids) for o in cached_off)))
 
 
+# ------------------------------------------------------------------- chunked prefill
+@pytest.mark.xfail(strict=True, reason=(
+    "ModelRunner.launch skips the forward pass when no item of the batch samples (a step of only "
+    "non-final prefill chunks), so those chunks never reach the KV cache (runner.py, owned elsewhere)"))
+def test_a_prompt_prefilled_alone_in_small_chunks_gives_the_same_text(make_engine):
+    """Steps that only prefill (nothing samples yet) must still write the KV cache."""
+    engine = make_engine(num_blocks=64)
+    prompt = chat(QUESTIONS[3])
+    kw = dict(max_new_tokens=8, ignore_eos=True, progress=False)
+    whole = engine.generate_batch([prompt], **kw)[0]
+    engine.reconfigure(token_budget=16, prefix_caching=False)
+    chunked = engine.generate_batch([prompt], **kw)[0]
+    sizes = [s.num_tokens for s in engine.telemetry.steps() if s.slots and s.slots[0].request_id == chunked.request_id]
+    assert sizes[:3] == [16, 16, 16]  # prefilled alone, in chunks that do not sample
+    assert chunked.token_ids == whole.token_ids
+
+
 # ------------------------------------------------------------------------- preemption
 def test_kv_cache_too_small_for_the_batch_preempts_and_outputs_equal_solo_runs(make_engine):
     prompts = [chat(q) for q in QUESTIONS[:3]]
@@ -199,12 +216,21 @@ def test_an_error_in_one_requests_detokenizer_fails_only_that_request(make_engin
     marker = 49000  # a token only the poisoned prompt contains
     decode = engine.tokenizer.decode
 
-    def decode_or_fail(ids, *args, **kwargs):
+    def decode_or_fail(*args, **kwargs):
+        ids = args[0] if args else kwargs["token_ids"]
         if marker in ids:
             raise ValueError("injected detokenizer fault")
-        return decode(ids, *args, **kwargs)
+        return decode(*args, **kwargs)
+
+    batch_decode = engine.tokenizer.batch_decode
+
+    def batch_decode_or_fail(windows, *args, **kwargs):  # the engine decodes a whole step in one call
+        if any(marker in ids for ids in windows):
+            raise ValueError("injected detokenizer fault")
+        return batch_decode(windows, *args, **kwargs)
 
     monkeypatch.setattr(engine.tokenizer, "decode", decode_or_fail)
+    monkeypatch.setattr(engine.tokenizer, "batch_decode", batch_decode_or_fail)
     good_ids = engine.tokenize(chat(QUESTIONS[3]))
     handles = [engine.submit(good_ids, max_new_tokens=6, ignore_eos=True),
                engine.submit(good_ids[:-1] + [marker] + good_ids[-1:], max_new_tokens=6, ignore_eos=True),
