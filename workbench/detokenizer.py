@@ -22,11 +22,28 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text it completes (possibly empty)."""
-        self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        return push_many(self.tokenizer, [self], [token_id])[0]
+
+    def windows(self) -> tuple[list[int], list[int]]:
+        return self.ids[self.prefix : self.read], self.ids[self.prefix :]
+
+    def advance(self, before: str, after: str) -> str:
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before):]
+
+
+def push_many(tokenizer: Any, detoks: list[IncrementalDetokenizer], token_ids: list[int]) -> list[str]:
+    """One token for each of many requests, decoded in a single batched tokenizer call (Rust, no GIL)."""
+    windows: list[list[int]] = []
+    for d, t in zip(detoks, token_ids):
+        d.ids.append(t)
+        windows.extend(d.windows())
+    try:
+        texts = tokenizer.batch_decode(windows, skip_special_tokens=True)
+    except Exception:
+        for d in detoks:
+            d.ids.pop()  # leave every request as it was, so the caller can retry one by one
+        raise
+    return [d.advance(texts[2 * i], texts[2 * i + 1]) for i, d in enumerate(detoks)]

@@ -24,7 +24,7 @@ import torch
 
 from .blocks import BlockManager
 from .config import LIVE_FIELDS, EngineConfig
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, push_many
 from .handle import RequestHandle
 from .loading import LoadedModel, load
 from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
@@ -389,16 +389,18 @@ class Engine:
         tokens = self.runner.collect(flight)
         t2 = time.perf_counter()
         finished: list[str] = []
-        accepted = 0
         sampling = [i for i in flight.batch.items if i.samples]
-        for item, token in zip(sampling, tokens):
-            request = item.request
-            if request.request_id not in self._live:
-                continue  # ended while this step ran (cancel, or a stop seen one step late): discard
-            accepted += 1
+        # ended while this step ran (cancelled, or a stop seen one step late): their token is discarded
+        kept = [(i.request, t) for i, t in zip(sampling, tokens) if i.request.request_id in self._live]
+        accepted = len(kept)
+        try:
+            deltas = push_many(self.tokenizer, [self._live[r.request_id].detok for r, _ in kept], [t for _, t in kept])
+        except Exception:  # noqa: BLE001 - one bad request must not fail the others: decode one by one
+            deltas = [None] * len(kept)
+        for (request, token), delta in zip(kept, deltas):
             position = flight.placeholders[request.request_id]
             request.output_token_ids[position] = token
-            if self._on_token(request, token, position + 1, t2):
+            if self._on_token(request, token, position + 1, t2, delta):
                 finished.append(request.request_id)
         t3 = time.perf_counter()
         self._record(flight, accepted, finished, t3, t3 - t2)
@@ -414,7 +416,7 @@ class Engine:
             f"request needs {request.max_total_tokens()} tokens of KV cache but only "
             f"{self.blocks.limit * self.config.block_size} exist (num_blocks={self.blocks.limit})"))
 
-    def _on_token(self, request: Request, token: int, generated: int, now: float) -> bool:
+    def _on_token(self, request: Request, token: int, generated: int, now: float, delta: str | None = None) -> bool:
         """Take in one sampled token (the `generated`-th), stream its text, end the request if it should stop."""
         t = request.timings
         if t.first_token is None:
@@ -427,7 +429,7 @@ class Engine:
         params = request.params
         old_len = len(request.text)
         try:
-            request.text += live.detok.push(token)
+            request.text += live.detok.push(token) if delta is None else delta
         except Exception as exc:  # noqa: BLE001 - this request's text is broken, not the step
             log.exception("detokenizing %s failed", request.request_id)
             self._end(live, "error", error=f"{type(exc).__name__}: {exc}")

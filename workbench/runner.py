@@ -145,14 +145,9 @@ class ModelRunner:
                 n_sample += 1
         return t, len(batch.items), n_sample, width
 
-    def _to_device(self, slot: _HostSlot, T: int, B: int, S: int, width: int,
-                   prev: InFlight | None) -> StepInputs:
+    def _to_device(self, slot: _HostSlot, T: int, B: int, S: int, width: int) -> StepInputs:
         dev, nb = self.device, self.cuda
         ids = slot.ids[:T].to(dev, non_blocking=nb)
-        carry = slot.carry[:T].to(dev, non_blocking=nb)
-        if prev is not None and prev.sampled is not None and bool((slot.carry[:T] >= 0).any()):
-            src = prev.sampled[carry.clamp_min(0)]
-            ids = torch.where(carry >= 0, src, ids)
         ctx = AttentionContext(
             cu_seqlens_q=slot.cu[: B + 1].to(dev, non_blocking=nb), seq_lens=slot.seq_lens[:B].to(dev, non_blocking=nb),
             block_tables=slot.tables[:B, :width].to(dev, non_blocking=nb),
@@ -162,10 +157,24 @@ class ModelRunner:
         )
         return StepInputs(ids, slot.positions[:T].to(dev, non_blocking=nb), slot.logits_idx[:S].to(dev, non_blocking=nb), ctx)
 
+    def _carry(self, slot: _HostSlot, T: int, prev: InFlight | None) -> torch.Tensor | None:
+        """Device indices into the previous step's sampled tokens (-1 = keep the host id), or None."""
+        if prev is None or prev.sampled is None or not bool((slot.carry[:T] >= 0).any()):
+            return None
+        return slot.carry[:T].to(self.device, non_blocking=self.cuda)
+
+    @staticmethod
+    def _apply_carry(inputs: StepInputs, carry: torch.Tensor | None, prev: InFlight | None) -> None:
+        """Runs on the compute stream, after the previous step: its sampled tokens exist by then."""
+        if carry is not None and prev is not None:
+            inputs.input_ids = torch.where(carry >= 0, prev.sampled[carry.clamp_min(0)], inputs.input_ids)
+
     def prepare(self, batch: Batch, prev: InFlight | None = None) -> StepInputs:
         slot = self._slots[self._next_slot]
         T, B, S, width = self._fill(slot, batch, prev)
-        return self._to_device(slot, T, B, S, width, prev)
+        inputs = self._to_device(slot, T, B, S, width)
+        self._apply_carry(inputs, self._carry(slot, T, prev), prev)
+        return inputs
 
     # ---------------------------------------------------------------- launch
     @torch.inference_mode()
@@ -185,19 +194,22 @@ class ModelRunner:
         t1 = time.perf_counter()
         flight.prepare_s = t1 - t0
         if not self.cuda:
-            inputs = self._to_device(slot, T, B, S, width, prev)
+            inputs = self._to_device(slot, T, B, S, width)
+            self._apply_carry(inputs, self._carry(slot, T, prev), prev)
             flight.sampled = self._forward_sample(inputs, sampling) if sampling else torch.empty(0, dtype=torch.int64)
             flight.tokens = flight.sampled.tolist()
             flight.launch_s = time.perf_counter() - t1
             return flight
         with torch.cuda.stream(self.h2d_stream):
-            inputs = self._to_device(slot, T, B, S, width, prev)
+            inputs = self._to_device(slot, T, B, S, width)
+            carry = self._carry(slot, T, prev)
             slot.copied = torch.cuda.Event()
             slot.copied.record(self.h2d_stream)
         self.compute_stream.wait_event(slot.copied)
         with torch.cuda.stream(self.compute_stream):
             if prev is not None and prev.gpu_end is not None:
                 self.compute_stream.wait_event(prev.gpu_end)
+            self._apply_carry(inputs, carry, prev)
             flight.gpu_start = torch.cuda.Event(enable_timing=True)
             flight.gpu_start.record()
             graphed = self.graphs is not None and self.graphs.can_run(batch, T, B, S)
@@ -211,7 +223,8 @@ class ModelRunner:
             flight.gpu_end.record()
         flight.graphed, flight.sampled = graphed, sampled
         for t in (inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.ctx.slot_mapping,
-                  inputs.ctx.cu_seqlens_q, inputs.ctx.seq_lens, inputs.ctx.block_tables):
+                  inputs.ctx.cu_seqlens_q, inputs.ctx.seq_lens, inputs.ctx.block_tables,
+                  *([carry] if carry is not None else [])):
             t.record_stream(self.compute_stream)
         self.d2h_stream.wait_event(flight.gpu_end)
         with torch.cuda.stream(self.d2h_stream):
