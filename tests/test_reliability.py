@@ -59,9 +59,6 @@ def test_shared_system_prompt_hits_the_prefix_cache_and_gives_the_same_text(make
 
 
 # ------------------------------------------------------------------- chunked prefill
-@pytest.mark.xfail(strict=True, reason=(
-    "ModelRunner.launch skips the forward pass when no item of the batch samples (a step of only "
-    "non-final prefill chunks), so those chunks never reach the KV cache (runner.py, owned elsewhere)"))
 def test_a_prompt_prefilled_alone_in_small_chunks_gives_the_same_text(make_engine):
     """Steps that only prefill (nothing samples yet) must still write the KV cache."""
     engine = make_engine(num_blocks=64)

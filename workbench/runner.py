@@ -196,7 +196,7 @@ class ModelRunner:
         if not self.cuda:
             inputs = self._to_device(slot, T, B, S, width)
             self._apply_carry(inputs, self._carry(slot, T, prev), prev)
-            flight.sampled = self._forward_sample(inputs, sampling) if sampling else torch.empty(0, dtype=torch.int64)
+            flight.sampled = self._forward_sample(inputs, sampling)
             flight.tokens = flight.sampled.tolist()
             flight.launch_s = time.perf_counter() - t1
             return flight
@@ -218,7 +218,7 @@ class ModelRunner:
                 sampled = self.sampler.sample(logits, [i.request.request_id for i in sampling],
                                               [i.request.params for i in sampling])
             else:
-                sampled = self._forward_sample(inputs, sampling) if sampling else torch.empty(0, dtype=torch.int64, device=self.device)
+                sampled = self._forward_sample(inputs, sampling)  # runs the model even if nothing samples
             flight.gpu_end = torch.cuda.Event(enable_timing=True)
             flight.gpu_end.record()
         flight.graphed, flight.sampled = graphed, sampled
@@ -237,7 +237,10 @@ class ModelRunner:
         return flight
 
     def _forward_sample(self, inputs: StepInputs, sampling: list) -> torch.Tensor:
+        """Forward (always: a prefill-only step still writes its K/V), then sample the finishing rows."""
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        if not sampling:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         return self.sampler.sample(logits, [i.request.request_id for i in sampling],
                                    [i.request.params for i in sampling])
