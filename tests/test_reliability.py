@@ -361,3 +361,15 @@ def test_max_queue_rejects_submissions_beyond_the_waiting_limit(make_engine):
     engine.cancel(running.request_id)
     for h in (waiting[1], late):
         assert h.result(timeout=60).finish_reason in ("length", "stop")
+
+
+def test_a_failing_engine_command_does_not_kill_the_loop(make_engine):
+    """A command that raises on the loop thread is logged; the engine keeps serving."""
+    engine = make_engine()
+
+    def boom() -> None:
+        raise RuntimeError("injected command fault")
+
+    engine._inbox.put(boom)
+    out = engine.generate_batch([chat(QUESTIONS[0])], max_new_tokens=4, ignore_eos=True, progress=False)[0]
+    assert len(out.token_ids) == 4 and engine.is_running

@@ -296,7 +296,11 @@ class Engine:
                 self._drain_inbox(block=not busy)
                 if self._running and (self.scheduler.has_work() or self._inflight is not None):
                     self._step_guarded()
+        except BaseException:
+            log.exception("the engine loop died; every request in flight is failed")
+            raise
         finally:
+            self._running = False  # a dead loop must refuse new work, not queue it forever
             self._drain_inbox(block=False)
             self._inflight = None
             for live in list(self._live.values()):
@@ -308,7 +312,10 @@ class Engine:
         except queue.Empty:
             return
         while True:
-            fn()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a bad command must not take the loop down
+                log.exception("an engine command failed")
             try:
                 fn = self._inbox.get_nowait()
             except queue.Empty:
