@@ -202,3 +202,12 @@ def test_readme_example_runs():
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["outputs"] and all(o.text for o in namespace["outputs"])
+
+
+def test_a_burst_lands_at_one_step_boundary(make_engine):
+    """submit_many: every request of a burst is in the first step (static batching depends on it)."""
+    for _ in range(3):
+        engine = make_engine(policy="static", max_batch=6)
+        engine.generate_batch(CHATS[:6], max_new_tokens=4, ignore_eos=True, progress=False)
+        first = engine.telemetry.steps()[0]
+        assert first.num_running == 6, f"first step ran {first.num_running} of 6"

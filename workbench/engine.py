@@ -93,6 +93,7 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
         self._tok_lock = threading.Lock()
+        self._gate = threading.Lock()  # held while a burst is queued, so it lands at one step boundary
         self._thread: threading.Thread | None = None
         self._running = False
         self._step_index = 0
@@ -172,6 +173,13 @@ class Engine:
             self._inbox.put(lambda: self._admit(live))
         return handle
 
+    def submit_many(self, prompts: Sequence[Any], *, on_done: Callable[[RequestHandle], None] | None = None,
+                    **sampling: Any) -> list[RequestHandle]:
+        """Submit a burst that reaches the scheduler at one step boundary (all validated first)."""
+        ids = [self.tokenize(p) for p in prompts]
+        with self._gate:
+            return [self.submit(i, on_done=on_done, **sampling) for i in ids]
+
     async def generate(self, prompt: Any, **sampling: Any) -> RequestOutput:
         """Generate to the end and return text, token ids and timings (await it)."""
         return await self.submit(prompt, **sampling).result_async()
@@ -192,7 +200,7 @@ class Engine:
         from tqdm.auto import tqdm
 
         finished: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
-        handles = [self.submit(p, on_done=finished.put, **sampling) for p in prompts]
+        handles = self.submit_many(prompts, on_done=finished.put, **sampling)
         deadline = None if timeout is None else time.monotonic() + timeout
         with tqdm(total=len(handles), disable=not progress, desc="generate_batch", unit="req") as bar:
             for _ in handles:
@@ -311,15 +319,16 @@ class Engine:
             fn = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
-        while True:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - a bad command must not take the loop down
-                log.exception("an engine command failed")
-            try:
-                fn = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        with self._gate:
+            while True:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - a bad command must not take the loop down
+                    log.exception("an engine command failed")
+                try:
+                    fn = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
 
     def _admit(self, live: _Live) -> None:
         request = live.request
