@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m workbench demo
+	$(PY) -m workbench serve
 
 test: setup
 	$(PY) -m pytest -q
