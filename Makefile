@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m workbench serve
+	$(PY) -m workbench demo
 
 test: setup
 	$(PY) -m pytest -q
