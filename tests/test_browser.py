@@ -155,12 +155,15 @@ def test_dashboard_in_chromium(server, tmp_path):
             wait_until(lambda: len({o for o in page.evaluate(js, "kv-cells")["owner"] if o}) >= 2, 60,
                        "two requests' blocks in the KV grid at once")
             assert figures.nth(1).screenshot() != kv_png, "the KV grid's pixels never changed"
-            wait_until(lambda: int(page.locator('[data-testid="counter-running"]').inner_text()) == 3, 60,
-                       "three requests running at once")
+            wait_until(lambda: max(page.evaluate(js, "slot-cells")["slot"]) == 2, 90,
+                       "a step with three requests in the batch (slots 0, 1, 2)")
             page.mouse.move(0, 0)
             page.wait_for_timeout(500)
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            raise
         finally:
             browser.close()
     if os.environ.get("WORKBENCH_ARTIFACTS"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 from collections import Counter
 
 import param
@@ -82,9 +83,12 @@ def test_dashboard_drains_telemetry_streams_outputs_and_applies_controls(make_en
     assert set(dash.sources["kv"].data["state"]) == {"free"}  # everything ended: every block free again
     # every output pane streamed, then ended with the request's own text
     for out in outputs:
-        pane = dash._outputs[out.request_id]
-        assert pane.text == out.text and pane.tokens == len(out.token_ids) and pane.reason == out.finish_reason
-        assert f'data-rid="{out.request_id}"' in pane.pane.object
+        shown = dash._outputs[out.request_id]
+        assert shown.text == out.text and shown.tokens == len(out.token_ids) and shown.reason == out.finish_reason
+        pane, cancel = dash._card_for(out.request_id)
+        assert f'data-rid="{out.request_id}"' in pane.object and cancel.disabled
+    assert [dash._cards_shown[i][0] for i in range(4)] == ["req-3", "req-2", "req-1", "req-0"]  # newest on top
+    assert not dash._cards[4][2].visible
     assert len(set(lengths)) > 2, f"req-0's text did not grow tick by tick: {lengths}"
     assert 'data-testid="counter-ended">4<' in dash.counters_pane.object
 
@@ -116,18 +120,19 @@ def test_cancel_button_and_submit_outside_an_event_loop(make_engine):
             await asyncio.sleep(0.1)
             dash.tick()
             if dash._outputs[handle.request_id].tokens >= 2:
-                dash._outputs[handle.request_id].cancel.clicks += 1  # what a click in the page does
+                dash._card_for(handle.request_id)[1].clicks += 1  # what a click in the page does
         dash.tick()
         return handle.output
 
     out = asyncio.run(run())
     assert out.finish_reason == "cancelled" and 2 <= len(out.token_ids) < 200
-    pane = dash._outputs[out.request_id]
-    assert pane.reason == "cancelled" and pane.cancel.disabled and "cancelled" in pane.pane.object
+    pane, cancel = dash._card_for(out.request_id)
+    assert dash._outputs[out.request_id].reason == "cancelled" and cancel.disabled and "cancelled" in pane.object
 
     # no running event loop (a plain script): nothing can stream, but the final text still arrives
     handle = dash.submit("Say hi.", max_new_tokens=4)
     handle.result(timeout=120)
     dash.tick()
-    pane = dash._outputs[handle.request_id]
-    assert pane.text == handle.output.text and pane.reason == handle.output.finish_reason
+    shown = dash._outputs[handle.request_id]
+    assert shown.text == handle.output.text and shown.reason == handle.output.finish_reason
+    assert dash._card_for(handle.request_id)[0].object.count(html.escape(handle.output.text)) == 1

@@ -20,11 +20,13 @@ import html
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import panel as pn
 import param
+from bokeh.model import Model
+from bokeh.models import Div, InlineStyleSheet
 
 from ..config import LIVE_FIELDS
 from ..request import StreamChunk
@@ -64,12 +66,48 @@ CSS = """
 .wb-out {font-family:sans-serif; font-size:12px; border-left:4px solid #ccc; padding:2px 6px; margin:0;}
 .wb-out pre {white-space:pre-wrap; margin:2px 0; font-size:12px; max-height:160px; overflow:auto;}
 .wb-out .h {color:#555;}
+.wb-alert {color:#842029; background:#f8d7da; border:1px solid #f5c2c7; border-radius:4px; padding:4px 8px;
+           font-family:sans-serif; font-size:12px;}
 """
+
+
+class _Text:
+    """Dynamic HTML as a raw Bokeh Div inside a Bokeh pane.
+
+    Panel's HTML pane re-sends its stylesheets with every new `object`, and in a
+    notebook those point at Panel's CDN; a Div's `text` change sends only the text,
+    so the notebook stays offline. `.object` mirrors the pane API.
+    """
+
+    __slots__ = ("div", "panel")
+
+    def __init__(self, visible: bool = True) -> None:
+        self.div = Div(text="", sizing_mode="stretch_width", stylesheets=[InlineStyleSheet(css=CSS)],
+                       visible=visible)
+        self.panel = pn.pane.Bokeh(self.div, sizing_mode="stretch_width")
+
+    @property
+    def object(self) -> str:
+        return self.div.text
+
+    @object.setter
+    def object(self, text: str) -> None:
+        if text != self.div.text:
+            self.div.text = text
+
+    @property
+    def visible(self) -> bool:
+        return self.div.visible
+
+    @visible.setter
+    def visible(self, value: bool) -> None:
+        if value != self.div.visible:
+            self.div.visible = value
 
 
 @dataclass(slots=True)
 class _Output:
-    """One submitted request's pane: text arrives from its consumer task, the tick renders it."""
+    """One submitted request's text: filled by its consumer task (or at the end), rendered by the tick."""
 
     request_id: str
     prompt: str
@@ -77,19 +115,16 @@ class _Output:
     tokens: int = 0
     reason: str | None = None
     error: str | None = None
-    dirty: bool = True
-    pane: Any = None
-    cancel: Any = None
-    view: Any = None
+    streamed: bool = True
+    version: int = 0
     task: Any = None
-    chunks: list[StreamChunk] = field(default_factory=list)
 
     def add(self, chunk: StreamChunk) -> None:
         self.text += chunk.text
         self.tokens += len(chunk.token_ids)
         if chunk.finished:
             self.reason, self.error = chunk.finish_reason, chunk.error
-        self.dirty = True
+        self.version += 1
 
     def html(self) -> str:
         state = "streaming" if self.reason is None else self.reason
@@ -100,6 +135,26 @@ class _Output:
                 f'&middot; <span data-testid="tokens">{self.tokens}</span> tokens &middot; '
                 f'{html.escape(self.prompt[:60])}</span>'
                 f'<pre data-testid="output-text">{html.escape(self.text)}</pre></div>')
+
+
+class _OneWayColumn(pn.Column):
+    """The dashboard's root layout: in a notebook it ignores the frontend's echo of the plots.
+
+    Panel 1.9's notebook comm applies each patch from the kernel and then sends the
+    resulting document events back to the kernel. For a streamed or patched source
+    that echo re-appends rows, or lands after a newer patch and reverts it, so the
+    plots drift from telemetry. The plots and texts are driven by the kernel only,
+    so the frontend's changes to them are dropped here; widget events pass through.
+    (A served dashboard talks over Bokeh's websocket protocol, which has no echo.)
+    """
+
+    def _on_msg(self, ref: str, manager: Any, msg: Any) -> None:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        one_way = getattr(self, "_one_way_ids", None)
+        if one_way and isinstance(content, dict) and isinstance(content.get("events"), list):
+            content["events"] = [e for e in content["events"]
+                                 if not (isinstance(e, dict) and (e.get("model") or {}).get("id") in one_way)]
+        super()._on_msg(ref, manager, msg)
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -128,6 +183,10 @@ class Dashboard(pn.viewable.Viewer):
         self._rows_shown: tuple[int, ...] = ()
         self._callback: Any = None
         self._bars_active = False
+        self._bars_at = 0.0
+        self._marks_sent: data.Columns = {}
+        self._kv_resync = False
+        self._kv_key: tuple = ()
         self.ticks = 0
 
         cfg = engine.config
@@ -182,11 +241,22 @@ class Dashboard(pn.viewable.Viewer):
         self.overlap = pn.widgets.RadioButtonGroup(label="loop", options=["sync", "overlap"],
                                                    value="overlap" if cfg.overlap else "sync",
                                                    disabled=not overlap_live, description=why)
-        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
-        self.counters_pane = pn.pane.HTML("", sizing_mode="stretch_width", stylesheets=[CSS])
-        self.config_pane = pn.pane.HTML("", sizing_mode="stretch_width", stylesheets=[CSS])
-        self.spans_note = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.outputs_column = pn.Column(sizing_mode="stretch_width", max_height=520, scroll=True)
+        self.alert = _Text(visible=False)
+        self.counters_pane = _Text()
+        self.config_pane = _Text()
+        self.spans_note = _Text()
+        # A fixed set of output cards, created once: new requests move data into them (newest on top),
+        # so no Panel model is created while the dashboard runs (in a notebook that would also fetch
+        # the new models' stylesheets from a CDN).
+        self._cards = []
+        for i in range(self.max_outputs):
+            pane = _Text()
+            cancel = pn.widgets.Button(label="cancel", color="light", width=70, height=32)
+            cancel.on_click(lambda _e, i=i: self._cancel_card(i))
+            self._cards.append((pane, cancel, pn.Row(pane.panel, cancel, sizing_mode="stretch_width", visible=False)))
+        self._cards_shown: list[tuple[str, int] | None] = [None] * self.max_outputs
+        self.outputs_column = pn.Column(*(c[2] for c in self._cards), sizing_mode="stretch_width", max_height=520,
+                                        scroll=True)
 
         self.submit_button.on_click(lambda _e: self._submit_prompt())
         self.burst_button.on_click(lambda _e: self.burst(self.burst_size.value))
@@ -209,22 +279,34 @@ class Dashboard(pn.viewable.Viewer):
             pn.Row(self.submit_button, self.burst_button, pn.pane.HTML("&times;", margin=(12, 0, 0, 0)),
                    self.burst_size),
             "#### Engine (applied at the next step)", self.max_batch, self.num_blocks, self.token_budget,
-            self.policy, self.prefix_caching, self.overlap, self.alert,
+            self.policy, self.prefix_caching, self.overlap, self.alert.panel,
             "#### Outputs", self.outputs_column, width=380)
         f = self.figures
         plots = pn.Column(
-            self.counters_pane,
+            self.counters_pane.panel,
             pn.Row(pn.pane.Bokeh(f["slots"], sizing_mode="stretch_width"),
                    pn.pane.Bokeh(f["kv"], sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             pn.pane.Bokeh(f["timeline"], sizing_mode="stretch_width"),
-            pn.pane.Bokeh(f["spans"], sizing_mode="stretch_width"), self.spans_note,
+            pn.pane.Bokeh(f["spans"], sizing_mode="stretch_width"), self.spans_note.panel,
             sizing_mode="stretch_width")
-        return pn.Column(title, self.config_pane, pn.Row(controls, plots, sizing_mode="stretch_width"),
-                         sizing_mode="stretch_width", min_width=1100)
+        layout = _OneWayColumn(title, self.config_pane.panel, pn.Row(controls, plots, sizing_mode="stretch_width"),
+                               sizing_mode="stretch_width", min_width=1100)
+        texts = (self.alert, self.counters_pane, self.config_pane, self.spans_note, *(c[0] for c in self._cards))
+        layout._one_way_ids = frozenset(
+            {m.id for fig in self.figures.values() for m in fig.select({"type": Model})} | {t.div.id for t in texts})
+        return layout
 
     def __panel__(self) -> pn.viewable.Viewable:
         self.start()
         return self.layout
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        """Displayed in a notebook cell: load Panel's extension inline first if nobody has (works offline)."""
+        from panel.config import panel_extension
+
+        if not panel_extension._loaded:
+            pn.extension(inline=True)
+        return super()._repr_mimebundle_(include, exclude)
 
     # ================================================================ lifecycle
     def start(self) -> None:
@@ -241,22 +323,36 @@ class Dashboard(pn.viewable.Viewer):
 
     # ================================================================ callbacks: move data only
     def submit(self, prompt: Any, **sampling: Any) -> "RequestHandle":
-        """Submit through the engine and give the request an output pane that streams its text."""
-        label = prompt if isinstance(prompt, str) else (prompt[-1].get("content", "") if isinstance(prompt[-1], dict)
-                                                         else f"{len(prompt)} token ids")
+        """Submit through the engine and give the request an output card that streams its text.
+
+        A string is sent as one user message (the chat template applies), as the
+        prompt box does; chats and token ids go as they are. Called inside a running
+        event loop (a widget callback, a notebook cell), the text streams through a
+        task on that loop; outside one, the card gets the final text when it ends.
+        """
+        label = prompt if isinstance(prompt, str) else _label(prompt)
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        out = _Output("", str(label))
-        handle = self.engine.submit(prompt, on_done=lambda h, out=out: self._on_done(h, out), **sampling)
-        out.request_id = handle.request_id
-        self._add_output(out)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is not None and getattr(handle, "_loop", None) is loop:
+        out = _Output("", label, streamed=loop is not None)
+        handle = self.engine.submit(prompt, on_done=lambda h, out=out: self._on_done(h, out), **sampling)
+        out.request_id = handle.request_id
+        self._add_output(out)
+        if loop is not None:
             out.task = loop.create_task(self._consume(handle, out))
         return handle
+
+    async def result(self, handle: "RequestHandle") -> Any:
+        """The request's `RequestOutput`, once its card has all of its text."""
+        out = self._outputs.get(handle.request_id)
+        if out is not None and out.task is not None:
+            await out.task
+        while not handle.done:  # no streaming task (submitted outside a loop), or its card was recycled
+            await asyncio.sleep(0.05)
+        return handle.output
 
     def burst(self, n: int) -> list["RequestHandle"]:
         """Submit `n` varied prompts of varied lengths at once."""
@@ -285,28 +381,36 @@ class Dashboard(pn.viewable.Viewer):
         try:
             result = fn(*args, **kwargs)
         except (ValueError, RuntimeError) as exc:
-            self.alert.object, self.alert.visible = html.escape(str(exc)), True
+            self.alert.object = f'<div class="wb-alert" data-testid="alert">{html.escape(str(exc))}</div>'
+            self.alert.visible = True
             return None
         self.alert.visible = False
         return result
 
     def _add_output(self, out: _Output) -> None:
-        out.pane = pn.pane.HTML(out.html(), sizing_mode="stretch_width", stylesheets=[CSS])
-        out.cancel = pn.widgets.Button(label="cancel", color="light", width=70, height=32)
-        out.cancel.on_click(lambda _e, rid=out.request_id: self.engine.cancel(rid))
-        out.view = pn.Row(out.pane, out.cancel, sizing_mode="stretch_width")
         self._outputs[out.request_id] = out
         for rid in list(self._outputs)[:-self.max_outputs]:
             del self._outputs[rid]
-        self.outputs_column.objects = [o.view for o in reversed(self._outputs.values())]
+
+    def _card_for(self, request_id: str) -> tuple[Any, Any] | None:
+        """The (text pane, cancel button) showing a request, if it is on screen."""
+        for (pane, cancel, _row), shown in zip(self._cards, self._cards_shown):
+            if shown is not None and shown[0] == request_id:
+                return pane, cancel
+        return None
+
+    def _cancel_card(self, i: int) -> None:
+        shown = self._cards_shown[i]
+        if shown is not None:
+            self.engine.cancel(shown[0])
 
     @staticmethod
     def _on_done(handle: "RequestHandle", out: _Output) -> None:
         """Engine thread: the request ended; only flag it (the consumer task or the tick renders)."""
-        if out.task is None and handle.output is not None:  # no event loop streamed it: show the final text
+        if not out.streamed and handle.output is not None:  # no event loop streamed it: show the final text
             o = handle.output
             out.text, out.tokens, out.reason, out.error = o.text, len(o.token_ids), o.finish_reason, o.error
-            out.dirty = True
+            out.version += 1
 
     @staticmethod
     async def _consume(handle: "RequestHandle", out: _Output) -> None:
@@ -316,6 +420,8 @@ class Dashboard(pn.viewable.Viewer):
     # ================================================================ the tick: drain, build, apply
     def tick(self) -> None:
         """Drain new telemetry and update every view: one stream/patch per source, inside one hold."""
+        if not self._comm_ready():
+            return  # nothing is drained, so nothing is lost: the next tick takes it all
         tel = self.engine.telemetry
         now = time.perf_counter()
         steps = tel.steps(self._last_step)
@@ -342,19 +448,38 @@ class Dashboard(pn.viewable.Viewer):
             updates.append(("slots", "stream", data.slot_cells(draw)))
             updates.append(("chunks", "stream", data.prefill_chunks(draw, by_id, t0)))
             updates.append(("spans", "stream", data.span_quads(draw[-self.span_steps:], t0)))
-        kv_new = data.kv_cells(self._last_record, self.engine.capacity, cfg.block_size, self._context, cfg.num_blocks)
+        kv_key = (self._last_step, cfg.num_blocks)
+        if kv_key != self._kv_key or self._kv_resync:
+            kv_new = data.kv_cells(self._last_record, self.engine.capacity, cfg.block_size, self._context,
+                                   cfg.num_blocks)
+            self._kv_key = kv_key
+        else:
+            kv_new = self._kv_cols
         patch = data.column_patch(self._kv_cols, kv_new)
         if patch:
             self._kv_cols = kv_new
             updates.append(("kv", "patch", patch))
+            self._kv_resync = True
+        elif self._kv_resync and not steps and self._last_record is not None and now - self._last_record.t_end > 1.0:
+            # The engine has been quiet for a second: send the whole grid once, so a view that
+            # ever missed a patch is exact again (patches carry only changes).
+            self._kv_resync = False
+            updates.append(("kv", "replace", {k: list(v) for k, v in kv_new.items()}))
+        # Bars change shape on request events; while requests run they also grow towards "now",
+        # which is redrawn at ~2 Hz: smooth enough, and a fifth of the serializing.
         active = any(s.end is None for s in rows)
-        if events or active or self._bars_active:
+        milestones = any(e.kind not in ("token", "first_token") for e in events)
+        if milestones or (self._bars_active and not active) or (active and now - self._bars_at >= 0.5):
             updates.append(("bars", "replace", data.timeline_bars(rows, t0, now)))
-            self._bars_active = active
+            self._bars_active, self._bars_at = active, now
         if events:
             updates.append(("ticks", "stream", data.token_ticks(
                 [e for e in events if e.request_id in by_id], by_id, t0)))
-            updates.append(("marks", "replace", data.timeline_marks(rows, t0)))
+        if milestones:
+            marks = data.timeline_marks(rows, t0)
+            if marks != self._marks_sent:
+                updates.append(("marks", "replace", marks))
+                self._marks_sent = marks
         counters = data.counters(list(self._recent), self._log, self._preemptions, now)
         if self._last_record is None:
             counters.free_blocks = counters.num_blocks = cfg.num_blocks
@@ -378,13 +503,42 @@ class Dashboard(pn.viewable.Viewer):
             if config_key != self._shown_config:
                 self._shown_config = config_key
                 self._sync_config(cfg)
-            for out in self._outputs.values():
-                if out.dirty:
-                    out.dirty = False
-                    out.pane.object = out.html()
-                    out.cancel.disabled = out.reason is not None
+            self._render_cards()
         self.ticks += 1
         self._push()
+
+    def _render_cards(self) -> None:
+        """Newest request on top; only cards whose request or text changed are touched."""
+        newest = list(reversed(self._outputs.values()))
+        for i, (pane, cancel, row) in enumerate(self._cards):
+            out = newest[i] if i < len(newest) else None
+            key = None if out is None else (out.request_id, out.version)
+            if key == self._cards_shown[i]:
+                continue
+            self._cards_shown[i] = key
+            if out is None:
+                if row.visible:
+                    row.visible = False
+                continue
+            pane.object = out.html()
+            if cancel.disabled != (out.reason is not None):  # Panel parameters cost far more than a compare
+                cancel.disabled = out.reason is not None
+            if not row.visible:
+                row.visible = True
+
+    def _comm_ready(self) -> bool:
+        """False while a notebook view's comm is not open yet.
+
+        Panel retries a push whose comm is not open every 0.1 s; several such
+        retries can land out of order, and an out-of-order KV patch would leave
+        the grid wrong. So the dashboard waits for the comm before draining.
+        """
+        for ref in self.layout._models:
+            view = pn.state._views.get(ref)
+            comm = view[3] if view is not None else None
+            if comm is not None and hasattr(comm, "_comm") and not comm._comm:
+                return False
+        return True
 
     def _rollover(self, name: str) -> int:
         cap = max(self.engine.config.max_batch, 8)
@@ -420,6 +574,14 @@ class Dashboard(pn.viewable.Viewer):
         """In a notebook, raw Bokeh changes travel only when pushed over the comm; on a server this is a no-op."""
         if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
             pn.io.push_notebook(self.layout)
+
+
+def _label(prompt: Any) -> str:
+    """A short label for a chat or a token-id prompt."""
+    if isinstance(prompt, (list, tuple)) and prompt:
+        last = prompt[-1]
+        return str(last.get("content", "")) if isinstance(last, dict) else f"{len(prompt)} token ids"
+    return repr(prompt)[:60]
 
 
 def _counters_html(c: data.Counters) -> str:

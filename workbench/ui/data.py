@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 from ..telemetry import RequestEvent, StepRecord
@@ -132,42 +133,52 @@ def grid_shape(capacity: int) -> tuple[int, int]:
     return cols, -(-capacity // cols)
 
 
+KV_COLUMNS = ("block", "x", "y", "owner", "owners", "state", "fill", "fill_frac", "color", "alpha", "line_color",
+              "line_width", "bar_y", "bar_h")
+
+
+@lru_cache(maxsize=8)
+def _unowned_grid(capacity: int, limit: int) -> dict[str, tuple]:
+    """The grid with no block owned (free below `limit`, off past it); owned cells are written over a copy."""
+    ncols, _ = grid_shape(capacity)
+    free = [b < limit for b in range(capacity)]
+    return {
+        "block": tuple(range(capacity)), "x": tuple(b % ncols for b in range(capacity)),
+        "y": tuple(b // ncols for b in range(capacity)), "owner": ("",) * capacity,
+        "owners": tuple("-" if f else "(past num_blocks)" for f in free),
+        "state": tuple("free" if f else "off" for f in free), "fill": (0,) * capacity, "fill_frac": (0.0,) * capacity,
+        "color": tuple(FREE_COLOR if f else OFF_COLOR for f in free), "alpha": (1.0,) * capacity,
+        "line_color": ("#c8c8c8",) * capacity, "line_width": (0.5,) * capacity,
+        "bar_y": tuple(b // ncols + CELL / 2 for b in range(capacity)), "bar_h": (0.0,) * capacity,
+    }
+
+
 def kv_cells(record: StepRecord | None, capacity: int, block_size: int, context: dict[str, int],
              limit: int | None = None) -> Columns:
-    """One cell per physical KV block: owner colour, fill, shared marker; blank when free."""
-    ncols, _ = grid_shape(capacity)
-    owners = block_owners(record) if record is not None else {}
-    fills = block_fills(record, context, block_size) if record is not None else {}
+    """One cell per physical KV block: owner colour, fill (a bar rising from the bottom), shared outline."""
     limit = capacity if limit is None else limit
-    cols: Columns = {k: [] for k in ("block", "x", "y", "owner", "owners", "state", "fill", "fill_frac", "color",
-                                     "alpha", "line_color", "line_width", "bar_y", "bar_h")}
-    for b in range(capacity):
-        who = owners.get(b, [])
+    cols: Columns = {k: list(v) for k, v in _unowned_grid(capacity, limit).items()}
+    if record is None:
+        return cols
+    fills = block_fills(record, context, block_size)
+    ncols, _ = grid_shape(capacity)
+    for b, who in block_owners(record).items():
+        if not 0 <= b < capacity:
+            continue
+        shared = len(who) > 1
         fill = fills.get(b, 0)
-        if who:
-            state = "shared" if len(who) > 1 else "owned"
-            color = request_color(who[0])
-            alpha = 0.25
-        else:
-            state = "free" if b < limit else "off"
-            color = FREE_COLOR if b < limit else OFF_COLOR
-            alpha = 1.0
-        cols["block"].append(b)
-        cols["x"].append(b % ncols)
-        cols["y"].append(b // ncols)
-        cols["owner"].append(who[0] if who else "")
-        cols["owners"].append(", ".join(who) if who else ("-" if state == "free" else "(past num_blocks)"))
-        cols["state"].append(state)
-        cols["fill"].append(fill)
-        cols["fill_frac"].append(fill / block_size)
-        cols["color"].append(color)
-        cols["alpha"].append(alpha)
-        cols["line_color"].append("#000000" if state == "shared" else "#c8c8c8")
-        cols["line_width"].append(2.5 if state == "shared" else 0.5)
-        # the fill level: a solid bar rising from the bottom of the cell (y axis points down)
         h = CELL * fill / block_size
-        cols["bar_h"].append(h)
-        cols["bar_y"].append(b // ncols + CELL / 2 - h / 2)
+        cols["owner"][b] = who[0]
+        cols["owners"][b] = ", ".join(who)
+        cols["state"][b] = "shared" if shared else "owned"
+        cols["fill"][b] = fill
+        cols["fill_frac"][b] = fill / block_size
+        cols["color"][b] = request_color(who[0])
+        cols["alpha"][b] = 0.25
+        cols["line_color"][b] = "#000000" if shared else "#c8c8c8"
+        cols["line_width"][b] = 2.5 if shared else 0.5
+        cols["bar_h"][b] = h
+        cols["bar_y"][b] = b // ncols + CELL / 2 - h / 2  # y points down: the bar sits on the cell's bottom
     return cols
 
 
@@ -176,6 +187,8 @@ def column_patch(old: Columns, new: Columns) -> dict[str, list[tuple[int, object
     patch: dict[str, list[tuple[int, object]]] = {}
     for name, values in new.items():
         before = old[name]
+        if before == values:  # the common case, compared in C
+            continue
         changed = [(i, v) for i, (a, v) in enumerate(zip(before, values)) if a != v]
         if changed:
             patch[name] = changed

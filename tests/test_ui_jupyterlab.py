@@ -1,0 +1,155 @@
+"""The Dashboard in a JupyterLab cell: a real `jupyter lab` on loopback, Debian's Chromium, no network.
+
+One cell builds an engine and a Dashboard, starts a burst and displays the
+dashboard; the test checks that the plots render in the cell's output and keep
+changing (the notebook's periodic callback drains telemetry and pushes over
+the comm), that output cards stream, and that nothing is fetched from outside
+loopback (`pn.extension(inline=True)`). The screenshot goes to the tmp dir;
+with WORKBENCH_DOCS_SCREENSHOT=1 it also replaces docs/dashboard-jupyterlab.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from test_browser import CHROMIUM, CHROMIUM_ARGS, LOOPBACK, wait_until
+
+ROOT = Path(__file__).absolute().parents[1]
+DOCS = os.environ.get("WORKBENCH_DOCS_SCREENSHOT") == "1"
+CELLS = [  # no pn.extension() cell: displaying a Dashboard loads Panel's extension inline itself
+    "import workbench\nfrom workbench.ui import Dashboard\n\n"
+    "engine = workbench.Engine(max_batch=4, num_blocks=96)\n"
+    "dash = Dashboard(engine, max_new_tokens=64)\n"
+    "dash.burst(8)   # eight varied prompts at once: watch them share the batch and the KV cache\n"
+    "dash",
+]
+
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"),
+              pytest.mark.slow]
+
+
+@pytest.fixture
+def jupyter_lab(tmp_path):
+    """`jupyter lab` on a free loopback port, token off, its own config/runtime/workspace dirs; yields its URL."""
+    import nbformat
+
+    from workbench.ui.app import free_port
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "nb").mkdir()
+    nbformat.write(nb, tmp_path / "nb" / "dashboard.ipynb")
+    port = free_port()
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "lab.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
+         f"--ServerApp.root_dir={tmp_path / 'nb'}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"jupyter lab exited with {proc.returncode}:\n{(tmp_path / 'lab.log').read_text()}")
+        try:
+            with urllib.request.urlopen(url + "api/status", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, 120, "jupyter lab to answer", interval=0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the kernel it started (its own session)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_dashboard_in_a_jupyterlab_cell(jupyter_lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    external, errors = [], []
+    js = ("name => { for (const d of Bokeh.documents) { const m = d.get_model_by_name(name); if (m) return m.data }"
+          " return null }")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1300})
+
+            def route(r):
+                if urlparse(r.request.url).hostname in LOOPBACK:
+                    r.continue_()
+                else:
+                    external.append(r.request.url)
+                    r.abort()
+
+            context.route("**/*", route)
+            page = context.new_page()
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(jupyter_lab + "lab/tree/dashboard.ipynb?reset")
+            cells = page.locator(".jp-Notebook .jp-Cell:visible")
+            wait_until(lambda: cells.count() == len(CELLS), 90, "the notebook to open")
+            status = page.locator(".jp-StatusBar-TextItem", has_text="Idle")
+            wait_until(lambda: status.count() > 0, 90, "the kernel to be idle")
+            no = page.get_by_role("button", name="No", exact=True)  # the news question, if JupyterLab asks it
+            if no.count():
+                no.first.click()
+            browser_tab = page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current")
+            if browser_tab.count():
+                browser_tab.first.click()  # fold the file browser away: more room for the dashboard
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_text("Run All Cells", exact=True).click()
+            output = cells.nth(0).locator(".jp-OutputArea")
+            wait_until(lambda: output.locator(".bk-Figure").count() == 4, 120, "the dashboard's four plots")
+            page.mouse.move(5, 5)
+            page.evaluate("el => el.scrollIntoView({block: 'start'})", cells.nth(0).element_handle())
+            running = output.locator('[data-testid="counter-running"]')
+            ended = output.locator('[data-testid="counter-ended"]')
+            if DOCS:  # for the README: mid-burst, some requests done and the batch still full
+                wait_until(lambda: int(ended.inner_text()) >= 1 and int(running.inner_text()) >= 3, 180,
+                           "a mid-burst moment", interval=0.1)
+            else:  # the burst is under way: requests hold KV blocks
+                wait_until(lambda: any(page.evaluate(js, "kv-cells")["owner"]), 90,
+                           "requests' blocks in the KV grid", interval=0.1)
+            shot = tmp_path / "dashboard-jupyterlab.png"
+            page.screenshot(path=str(shot))
+            # the notebook's periodic drain keeps the view moving and the text streaming
+            wait_until(lambda: len(page.evaluate(js, "slot-cells")["step"]) >= 40, 120, "the slot heatmap to fill")
+            text = output.locator('[data-rid="req-0"] [data-testid="output-text"]')
+            wait_until(lambda: text.count() == 1 and len(text.inner_text()) > 10, 60, "req-0's text to stream")
+            # every (step, slot) cell once: the frontend's echo of a stream must not come back as new rows
+            cells_js = page.evaluate(js, "slot-cells")
+            pairs = list(zip(cells_js["step"], cells_js["slot"]))
+            assert len(set(pairs)) == len(pairs), "slot heatmap rows were duplicated"
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"))
+            (tmp_path / "console.txt").write_text("\n".join(console))
+            raise
+        finally:
+            browser.close()
+    if DOCS:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, ROOT / "docs" / "dashboard-jupyterlab.png")
+    assert not external, f"the notebook asked for non-loopback resources: {external}"
+    assert not errors, f"console errors: {errors}"
