@@ -48,6 +48,7 @@ class BlockManager:
     blocks: list[Block] = field(default_factory=list)
     free: OrderedDict[int, None] = field(default_factory=OrderedDict)
     cached: dict[int, int] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)  # blocks owned by more than one request
     stats: PrefixStats = field(default_factory=PrefixStats)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def over_limit(self, request: Request) -> bool:
+        if self.limit == self.capacity:
+            return False  # the common case, asked for every running request at every step
         return any(b >= self.limit for b in request.block_ids)
 
     # -------------------------------------------------------------- allocation
@@ -119,10 +122,10 @@ class BlockManager:
 
     def commit(self, request: Request) -> None:
         """Name the request's newly filled blocks so later prompts can find them."""
-        if not self.prefix_caching:
-            return
-        tokens = request.all_token_ids
         full = min(request.num_computed // self.block_size, len(request.block_ids))
+        if not self.prefix_caching or full <= len(request.block_hashes):
+            return  # most steps fill no block: no need to build the token list
+        tokens = request.all_token_ids
         for i in range(len(request.block_hashes), full):
             parent = request.block_hashes[-1] if request.block_hashes else None
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
@@ -138,7 +141,9 @@ class BlockManager:
         for block_id in reversed(request.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
-            if block.ref_count == 0:
+            if block.ref_count == 1:
+                self.shared.discard(block_id)
+            elif block.ref_count == 0:
                 if block_id < self.limit:
                     self.free[block_id] = None
                 else:
@@ -177,6 +182,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free[block_id]
+        elif block.ref_count == 1:
+            self.shared.add(block_id)
         block.ref_count += 1
 
     def _forget(self, block: Block) -> None:
@@ -202,5 +209,6 @@ class BlockManager:
                 assert in_free, f"block {block.block_id} leaked: neither owned nor free"
             else:
                 assert not in_free, f"block {block.block_id} past the limit is in the free list"
+        assert self.shared == {b.block_id for b in self.blocks if b.ref_count > 1}, "shared-block set is stale"
         for h, block_id in self.cached.items():
             assert self.blocks[block_id].hash == h, f"cache entry for block {block_id} is stale"

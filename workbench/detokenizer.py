@@ -8,21 +8,37 @@ nothing while the window ends in half a character (U+FFFD).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 CONTEXT_TOKENS = 5
 
+WindowDecoder = Callable[[list[list[int]]], list[str]]
+
+
+def window_decoder(tokenizer: Any) -> WindowDecoder:
+    """Decode many short token windows, special tokens skipped.
+
+    A fast tokenizer's Rust core, called once per window, takes about a third of
+    the time of `batch_decode` (no Python conversion per window, no thread-pool
+    start-up for a few tokens each) and gives the same text unless the tokenizer
+    cleans up spaces, where `batch_decode` stays in charge.
+    """
+    core = getattr(tokenizer, "_tokenizer", None)
+    if core is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda windows: tokenizer.batch_decode(windows, skip_special_tokens=True)
+    return lambda windows: [core.decode(w, skip_special_tokens=True) for w in windows]
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, decode: WindowDecoder, prompt_ids: list[int]) -> None:
+        self.decode = decode
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix = 0
         self.read = len(self.ids)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text it completes (possibly empty)."""
-        return push_many(self.tokenizer, [self], [token_id])[0]
+        return push_many(self.decode, [self], [token_id])[0]
 
     def windows(self) -> tuple[list[int], list[int]]:
         return self.ids[self.prefix : self.read], self.ids[self.prefix :]
@@ -34,14 +50,14 @@ class IncrementalDetokenizer:
         return after[len(before):]
 
 
-def push_many(tokenizer: Any, detoks: list[IncrementalDetokenizer], token_ids: list[int]) -> list[str]:
-    """One token for each of many requests, decoded in a single batched tokenizer call (Rust, no GIL)."""
+def push_many(decode: WindowDecoder, detoks: list[IncrementalDetokenizer], token_ids: list[int]) -> list[str]:
+    """One token for each of many requests, all their windows decoded in one call."""
     windows: list[list[int]] = []
     for d, t in zip(detoks, token_ids):
         d.ids.append(t)
         windows.extend(d.windows())
     try:
-        texts = tokenizer.batch_decode(windows, skip_special_tokens=True)
+        texts = decode(windows)
     except Exception:
         for d in detoks:
             d.ids.pop()  # leave every request as it was, so the caller can retry one by one

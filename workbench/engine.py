@@ -16,7 +16,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -24,7 +23,7 @@ import torch
 
 from .blocks import BlockManager
 from .config import LIVE_FIELDS, EngineConfig
-from .detokenizer import IncrementalDetokenizer, push_many
+from .detokenizer import IncrementalDetokenizer, push_many, window_decoder
 from .handle import RequestHandle
 from .loading import LoadedModel, load
 from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
@@ -65,6 +64,7 @@ class Engine:
         self.loaded.model.to(device=device, dtype=dtype)
         self.loaded.model.cos_sin = self.loaded.model.cos_sin.float()
         self.tokenizer = self.loaded.tokenizer
+        self.decode_windows = window_decoder(self.tokenizer)  # the detokenizers' one call per step
         self.device, self.dtype = device, dtype
         num_blocks = config.num_blocks or self._auto_blocks(config)
         self.config = config.replace(num_blocks=num_blocks)
@@ -159,7 +159,7 @@ class Engine:
         except RuntimeError:
             loop = None
         handle = RequestHandle(rid, loop, on_done)
-        live = _Live(request, handle, IncrementalDetokenizer(self.tokenizer, ids))
+        live = _Live(request, handle, IncrementalDetokenizer(self.decode_windows, ids))
         with self._lock:  # a stop() either comes after this (and ends the request) or made us raise
             if not self._running:
                 raise RuntimeError("the engine is stopped; call engine.start() first")
@@ -410,9 +410,11 @@ class Engine:
         kept = [(i.request, t) for i, t in zip(sampling, tokens) if i.request.request_id in self._live]
         accepted = len(kept)
         try:
-            deltas = push_many(self.tokenizer, [self._live[r.request_id].detok for r, _ in kept], [t for _, t in kept])
+            deltas = push_many(self.decode_windows, [self._live[r.request_id].detok for r, _ in kept], [t for _, t in kept])
         except Exception:  # noqa: BLE001 - one bad request must not fail the others: decode one by one
             deltas = [None] * len(kept)
+        self.telemetry.events_at([(r.request_id, "first_token" if r.timings.first_token is None else "token")
+                                  for r, _ in kept], self._step_index, t2)
         for (request, token), delta in zip(kept, deltas):
             position = flight.placeholders[request.request_id]
             request.output_token_ids[position] = token
@@ -437,9 +439,6 @@ class Engine:
         t = request.timings
         if t.first_token is None:
             t.first_token = now
-            self.telemetry.event(request.request_id, "first_token", self._step_index, t=now)
-        else:
-            self.telemetry.event(request.request_id, "token", self._step_index, t=now)
         t.tokens.append(now)
         live = self._live[request.request_id]
         params = request.params
@@ -516,11 +515,10 @@ class Engine:
         slots = [SlotRecord(i.request.request_id, i.num_tokens, i.kind) for i in batch.items]
         slots += [SlotRecord("", 0, "padding")] * batch.padded_slots
         tables = {r.request_id: list(r.block_ids) for r in self.scheduler.running}
-        counts = Counter(b for table in tables.values() for b in table)
         gpu_start, gpu_end = self._gpu_times(flight)
         self.telemetry.record_step(StepRecord(
             step=self._step_index, t_start=flight.t_start, t_end=t_end, slots=slots, block_tables=tables,
-            shared_blocks=sorted(b for b, c in counts.items() if c > 1), num_blocks=self.blocks.limit,
+            shared_blocks=sorted(self.blocks.shared), num_blocks=self.blocks.limit,
             num_free_blocks=self.blocks.num_free, num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting), tokens_emitted=accepted,
             finished=finished, preempted=[r.request_id for r in batch.preempted], schedule_s=flight.schedule_s,

@@ -115,35 +115,55 @@ class ModelRunner:
 
     # --------------------------------------------------------------- prepare
     def _fill(self, slot: _HostSlot, batch: Batch, prev: InFlight | None) -> tuple[int, int, int, int]:
-        """Write the batch into a pinned slot; return (tokens, seqs, sampling rows, table width)."""
-        bs = self.block_size
-        ids, carry, pos, slots = slot.ids.numpy(), slot.carry.numpy(), slot.positions.numpy(), slot.slots.numpy()
-        cu, seq_lens, logits_idx, tables = slot.cu.numpy(), slot.seq_lens.numpy(), slot.logits_idx.numpy(), slot.tables.numpy()
-        t, width, n_sample = 0, 1, 0
-        cu[0] = 0
-        for i, item in enumerate(batch.items):
+        """Write the batch into a pinned slot; return (tokens, seqs, sampling rows, table width).
+
+        Python touches each request once (its tokens and block table); positions,
+        slots, offsets and the table layout are computed for the whole batch in
+        numpy, so a decode step of 64 requests costs tens of microseconds, not a
+        loop of small array writes per request.
+        """
+        items = batch.items
+        B = len(items)
+        ids: list[int] = []
+        flat_blocks: list[int] = []
+        starts, lens, table_lens, samples, pending = [], [], [], [], []
+        for i, item in enumerate(items):
             r, s, n = item.request, item.start, item.num_tokens
             tokens = _token_slice(r.prompt_token_ids, r.output_token_ids, s, n)
-            ids[t : t + n] = tokens
-            carry[t : t + n] = -1
             if tokens[-1] == PENDING:
                 if prev is None or r.request_id not in prev.sample_index:
                     raise RuntimeError(f"{r.request_id}: pending token with no step in flight to carry it from")
-                carry[t + n - 1] = prev.sample_index[r.request_id]
-                ids[t + n - 1] = 0
-            p = np.arange(s, s + n)
-            pos[t : t + n] = p
-            blocks = np.asarray(r.block_ids, dtype=np.int64)
-            slots[t : t + n] = blocks[p // bs] * bs + p % bs
-            tables[i, : len(blocks)] = blocks
-            width = max(width, len(blocks))
-            t += n
-            cu[i + 1] = t
-            seq_lens[i] = s + n
-            if item.samples:
-                logits_idx[n_sample] = t - 1
-                n_sample += 1
-        return t, len(batch.items), n_sample, width
+                pending.append((len(ids) + n - 1, prev.sample_index[r.request_id]))
+                tokens = tokens[:-1] + [0]
+            ids += tokens
+            flat_blocks += r.block_ids
+            starts.append(s)
+            lens.append(n)
+            table_lens.append(len(r.block_ids))
+            samples.append(item.samples)
+        T = len(ids)
+        lens_a, tlens = np.array(lens, dtype=np.int64), np.array(table_lens, dtype=np.int64)
+        cu = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(lens_a, out=cu[1:])
+        width = max(1, int(tlens.max()))
+        tables = slot.tables.numpy()
+        t_off = np.cumsum(tlens) - tlens
+        tables[np.repeat(np.arange(B), tlens), np.arange(len(flat_blocks)) - np.repeat(t_off, tlens)] = flat_blocks
+        rows = np.repeat(np.arange(B), lens_a)
+        pos = np.arange(T) + np.repeat(np.array(starts, dtype=np.int64) - cu[:-1], lens_a)
+        bs = self.block_size
+        slot.ids.numpy()[:T] = ids
+        slot.positions.numpy()[:T] = pos
+        slot.slots.numpy()[:T] = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        carry = slot.carry.numpy()
+        carry[:T] = -1
+        for index, source in pending:
+            carry[index] = source
+        slot.cu.numpy()[: B + 1] = cu
+        slot.seq_lens.numpy()[:B] = cu[1:] - cu[:-1] + np.array(starts, dtype=np.int64)
+        logits = cu[1:][np.array(samples, dtype=bool)] - 1
+        slot.logits_idx.numpy()[: len(logits)] = logits
+        return T, B, len(logits), width
 
     def _to_device(self, slot: _HostSlot, T: int, B: int, S: int, width: int) -> StepInputs:
         dev, nb = self.device, self.cuda

@@ -88,6 +88,13 @@ class Telemetry:
             self._events.append(RequestEvent(self._seq, t or time.perf_counter(), request_id, kind, step, detail))
             self._seq += 1
 
+    def events_at(self, items: list[tuple[str, EventKind]], step: int, t: float) -> None:
+        """Many requests' events of one moment (a step's tokens) under one lock."""
+        with self._lock:
+            seq = self._seq
+            self._events.extend(RequestEvent(seq + i, t, rid, kind, step) for i, (rid, kind) in enumerate(items))
+            self._seq = seq + len(items)
+
     def steps(self, since: int = -1) -> list[StepRecord]:
         """Step records with `step > since`, oldest first."""
         with self._lock:

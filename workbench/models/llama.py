@@ -58,10 +58,11 @@ class Attention(nn.Module):
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = kernels.rms_norm(q.contiguous(), self.q_norm.weight, self.q_norm.eps)[0]
-            k = kernels.rms_norm(k.contiguous(), self.k_norm.weight, self.k_norm.eps)[0]
-        else:
-            q, k = q.contiguous(), k.contiguous()
+            q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]
+            k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
+        # q and k stay strided views into the qkv output (head dim contiguous): RoPE rotates
+        # them in place there and the KV store and attention read them with their strides,
+        # which saves two copies per layer.
         kernels.rope(q, k, positions, cos_sin)
         k_cache, v_cache = ctx.kv_caches[layer]
         kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)

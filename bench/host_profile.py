@@ -1,0 +1,111 @@
+"""Where a step's time goes: the loop's Python (cProfile) and, on CUDA, the GPU kernels.
+
+    python bench/host_profile.py [--device cpu|cuda] [--batch 64] [--prompt 128] [--new 128] [--top 30]
+
+On a CPU the model is a 1-layer, 64-wide random model with SmolLM2's
+vocabulary, so the forward pass is nearly free and what remains of each step
+is the loop's own Python: scheduling, filling the inputs, bookkeeping,
+detokenizing, streaming and telemetry. On CUDA it is the real SmolLM2-135M
+shape in bf16 (random weights), workload (a) of bench/gpu_vs_transformers.py,
+and a torch.profiler table of the kernels follows. The steps run on this
+thread (the loop thread is not started), so cProfile sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def build_engine(device: str, batch: int):
+    import torch
+    import transformers
+
+    import workbench
+    from shapes import SMOLLM2_135M
+    from workbench.loading import LoadedModel
+    from workbench.models import DecoderModel, ModelConfig
+
+    shape = dict(SMOLLM2_135M)
+    if device == "cpu":
+        shape.update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1)
+    mc = ModelConfig.from_hf(transformers.LlamaConfig(**shape))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DecoderModel(mc)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = model.to(dtype)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    tok = transformers.AutoTokenizer.from_pretrained(ROOT / ".cache" / "gpu" / "smollm2")
+    loaded = LoadedModel(model.eval(), tok, mc, f"random {mc.num_layers}-layer", frozenset({2}))
+    return workbench.Engine(loaded, device=device, dtype=str(dtype).removeprefix("torch."), max_batch=batch,
+                            token_budget=4096, num_blocks=4096, start=False)
+
+
+def run(engine, prompts, new_tokens: int) -> int:
+    engine._running = True  # drive the loop by hand on this thread
+    handles = [engine.submit(p, max_new_tokens=new_tokens, ignore_eos=True) for p in prompts]
+    steps = 0
+    while engine.scheduler.has_work() or engine._inflight is not None or engine._pending:
+        engine._drain_inbox(block=False)
+        engine._step_guarded()
+        steps += 1
+    assert all(h.done and h.output.finish_reason == "length" for h in handles)
+    engine._running = False
+    return steps
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--top", type=int, default=30)
+    args = p.parse_args()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 49152) for _ in range(args.prompt)] for _ in range(args.batch)]
+    engine = build_engine(args.device, args.batch)
+    run(engine, prompts, args.new)  # warm-up: every shape compiled
+    for label in ("timed", "timed again"):
+        engine.telemetry.clear()
+        t = time.perf_counter()
+        steps = run(engine, prompts, args.new)
+        wall = time.perf_counter() - t
+        rec = engine.telemetry.steps()
+        mean = lambda f: 1e3 * sum(map(f, rec)) / len(rec)  # noqa: E731
+        gpu = [1e3 * (s.gpu_end - s.gpu_start) for s in rec if s.gpu_start is not None]
+        print(f"{label}: {steps} steps, {args.batch * args.new / wall:.0f} tok/s, {1e3 * wall / steps:.3f} ms/step; "
+              f"per step: schedule {mean(lambda s: s.schedule_s):.3f}, prepare {mean(lambda s: s.prepare_s):.3f}, "
+              f"launch/forward {mean(lambda s: s.forward_s):.3f}, postprocess {mean(lambda s: s.postprocess_s):.3f} ms"
+              + (f"; GPU span median {sorted(gpu)[len(gpu) // 2]:.3f} ms" if gpu else ""))
+    prof = cProfile.Profile()
+    prof.enable()
+    run(engine, prompts, args.new)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    if args.device == "cuda":
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+            run(engine, prompts, args.new)
+            torch.cuda.synchronize()
+        print(tp.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
+    engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
