@@ -50,7 +50,7 @@ def build_engine(device: str, batch: int):
     tok = transformers.AutoTokenizer.from_pretrained(ROOT / ".cache" / "gpu" / "smollm2")
     loaded = LoadedModel(model.eval(), tok, mc, f"random {mc.num_layers}-layer", frozenset({2}))
     return workbench.Engine(loaded, device=device, dtype=str(dtype).removeprefix("torch."), max_batch=batch,
-                            token_budget=4096, num_blocks=4096, start=False)
+                            token_budget=4096, num_blocks=4096, prefix_caching=False, start=False)
 
 
 def run(engine, prompts, new_tokens: int) -> int:

@@ -85,3 +85,30 @@ def test_seeded_sampling_same_in_both_loops(make_engine, overlap):
     a = engine.generate_batch([CHATS[6], CHATS[2]], **kw)
     b = engine.generate_batch([CHATS[6]], **kw)
     assert a[0].token_ids == b[0].token_ids
+
+
+def test_graph_inputs_staged_padded_and_carried():
+    """The decode-graph input path on plain tensors: one staged buffer holds the step in the
+    static layout, padding rows write no KV slot, and carried tokens come from the step before."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from workbench.graphs import DecodeGraphs
+
+    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=5, max_model_len=80)
+    graphs = DecodeGraphs(runner, max_batch=8)
+    B, size = 3, graphs.bucket(3)
+    assert size == 4 and graphs.sizes[-1] == 8
+    host = np.full(graphs.numel, 99, dtype=np.int64)  # stale values everywhere
+    tables = np.array([[7, 8], [3, 0], [5, 6]], dtype=np.int64)
+    numel = graphs.stage(host, ids=np.array([11, 0, 13]), positions=np.array([17, 4, 20]),
+                         slots=np.array([113, 52, 84]), carry=np.array([-1, 2, -1]),
+                         seq_lens=np.array([18, 5, 21]), tables=tables)
+    graphs.load(torch.from_numpy(host), numel, prev_sampled=torch.tensor([40, 41, 42]))
+    assert graphs.ids[:size].tolist() == [11, 42, 13, 0]  # row 1 carried prev_sampled[2]
+    assert graphs.positions[:size].tolist() == [17, 4, 20, 0]
+    assert graphs.slot_mapping[:size].tolist() == [113, 52, 84, -1]  # the padding row stores nothing
+    assert graphs.seq_lens[:size].tolist() == [18, 5, 21, 1]
+    assert graphs.tables[:B, :2].tolist() == tables.tolist() and graphs.tables[3, 0].item() == 0

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np  # noqa: F401 - annotations
 import torch
 
 from .models import AttentionContext
@@ -33,17 +34,28 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """Decode graphs and their static inputs, which live in one int64 buffer.
+
+    Layout (top = the largest bucket, W = max blocks per request): ids, positions,
+    slots, carry and seq_lens, `top` entries each, then the block tables [top, W].
+    A step is staged into a pinned mirror of that layout (`stage`), copied to the
+    device in one H2D copy, and moved into place with one device copy on the
+    compute stream (`load`), so the graph reads inputs no other step can touch.
+    """
+
     def __init__(self, runner: "ModelRunner", max_batch: int) -> None:
         self.runner = runner
         self.sizes = bucket_sizes(max_batch)
         top, dev = self.sizes[-1], runner.device
-        self.ids = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
+        self.top, self.width = top, runner.max_blocks
+        self.numel = 5 * top + top * self.width
+        self.static = torch.zeros(self.numel, dtype=torch.int64, device=dev)
+        self.ids, self.positions, self.slot_mapping, self.carry, self.seq_lens = (
+            self.static[i * top : (i + 1) * top] for i in range(5))
+        self.tables = self.static[5 * top :].view(top, self.width)
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
         self.cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros((top, runner.max_blocks), dtype=torch.int32, device=dev)
-        self.rows = torch.arange(top, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -51,6 +63,30 @@ class DecodeGraphs:
 
     def can_run(self, batch: "Batch", T: int, B: int, S: int) -> bool:
         return bool(self.graphs) and T == B == S and B <= self.sizes[-1] and all(i.kind == "decode" for i in batch.items)
+
+    def bucket(self, batch: int) -> int:
+        return next(s for s in self.sizes if s >= batch)
+
+    def stage(self, host: "np.ndarray", ids: "np.ndarray", positions: "np.ndarray", slots: "np.ndarray",
+              carry: "np.ndarray", seq_lens: "np.ndarray", tables: "np.ndarray") -> int:
+        """Write a B-request decode step, padded to its bucket, into a pinned mirror of the
+        static layout; return how many leading elements to copy."""
+        top, B = self.top, len(ids)
+        size = self.bucket(B)
+        for i, (values, pad) in enumerate(((ids, 0), (positions, 0), (slots, -1), (carry, -1), (seq_lens, 1))):
+            host[i * top : i * top + B] = values
+            host[i * top + B : i * top + size] = pad  # padding rows: no KV slot, a 1-token context
+        view = host[5 * top : 5 * top + size * self.width].reshape(size, self.width)
+        view[:B, : tables.shape[1]] = tables
+        view[B:, 0] = 0
+        return 5 * top + size * self.width
+
+    def load(self, staged: torch.Tensor, numel: int, prev_sampled: torch.Tensor | None) -> None:
+        """On the compute stream: the staged step into the static inputs, then the carry-over."""
+        self.static[:numel].copy_(staged[:numel])
+        if prev_sampled is not None and prev_sampled.numel():
+            take = self.carry >= 0
+            self.ids.copy_(torch.where(take, prev_sampled[self.carry.clamp(0, prev_sampled.numel() - 1)], self.ids))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -84,19 +120,8 @@ class DecodeGraphs:
         hidden = model(self.ids[:size], self.positions[:size], ctx)
         return model.compute_logits(hidden).float()
 
-    def run(self, inputs: "StepInputs", batch: int) -> torch.Tensor:
-        """Copy the step into the smallest bucket that holds it, replay, return its logits."""
-        size = next(s for s in self.sizes if s >= batch)
-        ctx = inputs.ctx
-        width = ctx.block_tables.shape[1]
-        self.ids[:batch].copy_(inputs.input_ids)
-        self.positions[:batch].copy_(inputs.positions)
-        self.slot_mapping[:batch].copy_(ctx.slot_mapping)
-        self.seq_lens[:batch].copy_(ctx.seq_lens)
-        self.tables[:batch, :width].copy_(ctx.block_tables)
-        if size > batch:
-            self.slot_mapping[batch:size].fill_(-1)
-            self.seq_lens[batch:size].fill_(1)
-            self.tables[batch:size, :1].zero_()
+    def replay(self, batch: int) -> torch.Tensor:
+        """Replay the bucket holding a loaded step of `batch` requests; its logits."""
+        size = self.bucket(batch)
         self.graphs[size].replay()
         return self.logits[size][:batch]

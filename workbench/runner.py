@@ -67,9 +67,15 @@ class InFlight:
 class _HostSlot:
     """One of the two pinned staging areas, so the CPU never overwrites what a copy still reads."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool, graph_numel: int = 0,
+                 device: torch.device | None = None) -> None:
         def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.empty(n, dtype=dtype, pin_memory=pin)
+
+        # a decode step for the CUDA graphs, staged in their static layout: one H2D copy
+        self.graph_host = torch.zeros(graph_numel, dtype=torch.int64, pin_memory=pin)
+        self.graph_dev = torch.zeros(graph_numel, dtype=torch.int64, device=device) if graph_numel else None
+        self.consumed: torch.cuda.Event | None = None  # the compute stream has read graph_dev
 
         self.ids, self.carry = buf(max_tokens, torch.int64), buf(max_tokens, torch.int64)
         self.positions, self.slots = buf(max_tokens, torch.int64), buf(max_tokens, torch.int64)
@@ -98,13 +104,17 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.cuda = device.type == "cuda"
         max_tokens, max_seqs = max(token_budget, max_batch), max_batch
-        self._slots = [_HostSlot(max_tokens, max_seqs, self.max_blocks, self.cuda) for _ in range(2)]
-        self._next_slot = 0
         if self.cuda:
             self.compute_stream = torch.cuda.Stream(device)
             self.h2d_stream = torch.cuda.Stream(device)
             self.d2h_stream = torch.cuda.Stream(device)
         self.graphs = DecodeGraphs(self, max_batch) if (self.cuda and cuda_graphs) else None
+        self._slots = [self._new_slot(max_tokens, max_seqs) for _ in range(2)]
+        self._next_slot = 0
+
+    def _new_slot(self, max_tokens: int, max_seqs: int) -> _HostSlot:
+        graph_numel = self.graphs.numel if self.graphs is not None else 0
+        return _HostSlot(max_tokens, max_seqs, self.max_blocks, self.cuda, graph_numel, self.device)
 
     @property
     def kernels_name(self) -> str:
@@ -205,8 +215,8 @@ class ModelRunner:
         if slot.copied is not None:
             slot.copied.synchronize()  # the copy from two steps ago has read this slot
         if batch.num_tokens > len(slot.ids) or len(batch.items) > len(slot.cu) - 1:
-            slot = self._slots[self._next_slot] = _HostSlot(  # the budget or batch grew live
-                max(batch.num_tokens, len(slot.ids)), max(len(batch.items), len(slot.cu) - 1), self.max_blocks, self.cuda)
+            slot = self._slots[self._next_slot] = self._new_slot(  # the budget or batch grew live
+                max(batch.num_tokens, len(slot.ids)), max(len(batch.items), len(slot.cu) - 1))
         self._next_slot ^= 1
         T, B, S, width = self._fill(slot, batch, prev)
         sampling = [i for i in batch.items if i.samples]
@@ -220,32 +230,38 @@ class ModelRunner:
             flight.tokens = flight.sampled.tolist()
             flight.launch_s = time.perf_counter() - t1
             return flight
+        graphed = self.graphs is not None and self.graphs.can_run(batch, T, B, S)
+        request_ids, params = [i.request.request_id for i in sampling], [i.request.params for i in sampling]
         with torch.cuda.stream(self.h2d_stream):
-            inputs = self._to_device(slot, T, B, S, width)
-            carry = self._carry(slot, T, prev)
+            if graphed:
+                numel = self._stage_graph(slot, T, B, width)
+            else:
+                inputs = self._to_device(slot, T, B, S, width)
+                carry = self._carry(slot, T, prev)
             slot.copied = torch.cuda.Event()
             slot.copied.record(self.h2d_stream)
         self.compute_stream.wait_event(slot.copied)
         with torch.cuda.stream(self.compute_stream):
             if prev is not None and prev.gpu_end is not None:
                 self.compute_stream.wait_event(prev.gpu_end)
-            self._apply_carry(inputs, carry, prev)
             flight.gpu_start = torch.cuda.Event(enable_timing=True)
             flight.gpu_start.record()
-            graphed = self.graphs is not None and self.graphs.can_run(batch, T, B, S)
             if graphed:
-                logits = self.graphs.run(inputs, B)
-                sampled = self.sampler.sample(logits, [i.request.request_id for i in sampling],
-                                              [i.request.params for i in sampling])
+                self.graphs.load(slot.graph_dev, numel, prev.sampled if prev is not None else None)
+                slot.consumed = torch.cuda.Event()
+                slot.consumed.record()
+                sampled = self.sampler.sample(self.graphs.replay(B), request_ids, params)
             else:
+                self._apply_carry(inputs, carry, prev)
                 sampled = self._forward_sample(inputs, sampling)  # runs the model even if nothing samples
             flight.gpu_end = torch.cuda.Event(enable_timing=True)
             flight.gpu_end.record()
         flight.graphed, flight.sampled = graphed, sampled
-        for t in (inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.ctx.slot_mapping,
-                  inputs.ctx.cu_seqlens_q, inputs.ctx.seq_lens, inputs.ctx.block_tables,
-                  *([carry] if carry is not None else [])):
-            t.record_stream(self.compute_stream)
+        if not graphed:
+            for t in (inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.ctx.slot_mapping,
+                      inputs.ctx.cu_seqlens_q, inputs.ctx.seq_lens, inputs.ctx.block_tables,
+                      *([carry] if carry is not None else [])):
+                t.record_stream(self.compute_stream)
         self.d2h_stream.wait_event(flight.gpu_end)
         with torch.cuda.stream(self.d2h_stream):
             flight.host_tokens = slot.sampled[: len(sampling)]
@@ -255,6 +271,17 @@ class ModelRunner:
             flight.done.record()
         flight.launch_s = time.perf_counter() - t1
         return flight
+
+    def _stage_graph(self, slot: _HostSlot, T: int, B: int, width: int) -> int:
+        """On the H2D stream: the step, in the graphs' static layout, to this slot's device copy."""
+        assert self.graphs is not None and slot.graph_dev is not None
+        if slot.consumed is not None:
+            self.h2d_stream.wait_event(slot.consumed)  # the compute stream has read it two steps ago
+        numel = self.graphs.stage(slot.graph_host.numpy(), slot.ids.numpy()[:T], slot.positions.numpy()[:T],
+                                  slot.slots.numpy()[:T], slot.carry.numpy()[:T], slot.seq_lens.numpy()[:B],
+                                  slot.tables.numpy()[:B, :width])
+        slot.graph_dev[:numel].copy_(slot.graph_host[:numel], non_blocking=True)
+        return numel
 
     def _forward_sample(self, inputs: StepInputs, sampling: list) -> torch.Tensor:
         """Forward (always: a prefill-only step still writes its K/V), then sample the finishing rows."""
