@@ -136,3 +136,25 @@ def test_cancel_button_and_submit_outside_an_event_loop(make_engine):
     shown = dash._outputs[handle.request_id]
     assert shown.text == handle.output.text and shown.reason == handle.output.finish_reason
     assert dash._card_for(handle.request_id)[0].object.count(html.escape(handle.output.text)) == 1
+
+
+def test_readme_dashboard_example_runs():
+    """The README's notebook example, run as a notebook would (top-level await inside the kernel's loop)."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Dashboard"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "dash.burst(8)" in code and "await dash.result" in code
+    namespace: dict = {}
+    exec(compile("async def _cell():\n" + textwrap.indent(code, "    ") + "    return locals()\n", "README.md", "exec"),
+         namespace)
+    cell = asyncio.run(namespace["_cell"]())
+    try:
+        out = cell["out"]
+        assert out.request_id == "req-0" and out.text and out.finish_reason in ("stop", "length")
+        assert cell["dash"]._outputs["req-0"].text == out.text
+    finally:
+        cell["engine"].stop()
