@@ -35,6 +35,18 @@ def get_status(url: str) -> dict:
         return json.load(r)
 
 
+def loopback_only(context, external: list[str]) -> None:
+    """Let the browser reach nothing but loopback: a CDN request is recorded in `external` and refused."""
+    def route(r):
+        if urlparse(r.request.url).hostname in LOOPBACK:
+            r.continue_()
+        else:
+            external.append(r.request.url)
+            r.abort()
+
+    context.route("**/*", route)
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,14 +103,7 @@ def test_dashboard_in_chromium(server, tmp_path):
         try:
             context = browser.new_context(viewport={"width": 1500, "height": 1150})
 
-            def route(r):  # nothing but loopback: a CDN request would be recorded and refused
-                if urlparse(r.request.url).hostname in LOOPBACK:
-                    r.continue_()
-                else:
-                    external.append(r.request.url)
-                    r.abort()
-
-            context.route("**/*", route)
+            loopback_only(context, external)
             page = context.new_page()
             page.on("requestfailed", lambda r: failed.append(r.url))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

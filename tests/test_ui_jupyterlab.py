@@ -19,11 +19,10 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, LOOPBACK, wait_until
+from test_browser import CHROMIUM, CHROMIUM_ARGS, loopback_only, wait_until
 
 ROOT = Path(__file__).absolute().parents[1]
 DOCS = os.environ.get("WORKBENCH_DOCS_SCREENSHOT") == "1"
@@ -95,14 +94,7 @@ def test_dashboard_in_a_jupyterlab_cell(jupyter_lab, tmp_path):
         try:
             context = browser.new_context(viewport={"width": 1600, "height": 1300})
 
-            def route(r):
-                if urlparse(r.request.url).hostname in LOOPBACK:
-                    r.continue_()
-                else:
-                    external.append(r.request.url)
-                    r.abort()
-
-            context.route("**/*", route)
+            loopback_only(context, external)
             page = context.new_page()
             console: list[str] = []
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))

@@ -160,7 +160,8 @@ class ModelRunner:
         t_off = np.cumsum(tlens) - tlens
         tables[np.repeat(np.arange(B), tlens), np.arange(len(flat_blocks)) - np.repeat(t_off, tlens)] = flat_blocks
         rows = np.repeat(np.arange(B), lens_a)
-        pos = np.arange(T) + np.repeat(np.array(starts, dtype=np.int64) - cu[:-1], lens_a)
+        starts_a = np.array(starts, dtype=np.int64)
+        pos = np.arange(T) + np.repeat(starts_a - cu[:-1], lens_a)
         bs = self.block_size
         slot.ids.numpy()[:T] = ids
         slot.positions.numpy()[:T] = pos
@@ -170,7 +171,7 @@ class ModelRunner:
         for index, source in pending:
             carry[index] = source
         slot.cu.numpy()[: B + 1] = cu
-        slot.seq_lens.numpy()[:B] = cu[1:] - cu[:-1] + np.array(starts, dtype=np.int64)
+        slot.seq_lens.numpy()[:B] = starts_a + lens_a
         logits = cu[1:][np.array(samples, dtype=bool)] - 1
         slot.logits_idx.numpy()[: len(logits)] = logits
         return T, B, len(logits), width
@@ -231,7 +232,6 @@ class ModelRunner:
             flight.launch_s = time.perf_counter() - t1
             return flight
         graphed = self.graphs is not None and self.graphs.can_run(batch, T, B, S)
-        request_ids, params = [i.request.request_id for i in sampling], [i.request.params for i in sampling]
         with torch.cuda.stream(self.h2d_stream):
             if graphed:
                 numel = self._stage_graph(slot, T, B, width)
@@ -250,7 +250,8 @@ class ModelRunner:
                 self.graphs.load(slot.graph_dev, numel, prev.sampled if prev is not None else None)
                 slot.consumed = torch.cuda.Event()
                 slot.consumed.record()
-                sampled = self.sampler.sample(self.graphs.replay(B), request_ids, params)
+                sampled = self.sampler.sample(self.graphs.replay(B), [i.request.request_id for i in sampling],
+                                              [i.request.params for i in sampling])
             else:
                 self._apply_carry(inputs, carry, prev)
                 sampled = self._forward_sample(inputs, sampling)  # runs the model even if nothing samples
