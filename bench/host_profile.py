@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import random
 import sys
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def build_engine(device: str, batch: int):
+def build_engine(device: str, batch: int, freeze_gc: bool | None = None):
     import torch
     import transformers
 
@@ -50,7 +51,7 @@ def build_engine(device: str, batch: int):
     tok = transformers.AutoTokenizer.from_pretrained(ROOT / ".cache" / "gpu" / "smollm2")
     loaded = LoadedModel(model.eval(), tok, mc, f"random {mc.num_layers}-layer", frozenset({2}))
     return workbench.Engine(loaded, device=device, dtype=str(dtype).removeprefix("torch."), max_batch=batch,
-                            token_budget=4096, num_blocks=4096, prefix_caching=False, start=False)
+                            token_budget=4096, num_blocks=4096, prefix_caching=False, freeze_gc=freeze_gc, start=False)
 
 
 def run(engine, prompts, new_tokens: int) -> int:
@@ -66,6 +67,49 @@ def run(engine, prompts, new_tokens: int) -> int:
     return steps
 
 
+class GcClock:
+    """Time spent in the garbage collector, per generation, while `on`."""
+
+    def __init__(self) -> None:
+        self.seconds, self.counts, self._t = [0.0, 0.0, 0.0], [0, 0, 0], 0.0
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        self.seconds, self.counts = [0.0, 0.0, 0.0], [0, 0, 0]
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._t
+            self.counts[info["generation"]] += 1
+
+    def __str__(self) -> str:
+        return ", ".join(f"gen{g} {n}x {1e3 * s:.1f} ms" for g, (n, s) in enumerate(zip(self.counts, self.seconds)))
+
+
+def probe_replay(engine, batch: int, n: int = 200) -> None:
+    """Host cost of one graph launch, and a replay's latency, outside the loop."""
+    import torch
+
+    graphs = engine.runner.graphs
+    stream = engine.runner.compute_stream
+    with torch.cuda.stream(stream):
+        for sync_each in (False, True):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                graphs.replay(batch)
+                if sync_each:
+                    stream.synchronize()
+            host = time.perf_counter() - t0
+            torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+            what = "replay + sync each" if sync_each else "replays queued back to back"
+            print(f"graph probe, batch {batch}, {what}: {1e6 * host / n:.1f} us host per call, "
+                  f"{1e6 * total / n:.1f} us per replay all in")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -73,23 +117,36 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--freeze-gc", choices=("auto", "on", "off"), default="auto", help="EngineConfig.freeze_gc")
+    p.add_argument("--passes-only", action="store_true", help="skip cProfile and the kernel table")
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 49152) for _ in range(args.prompt)] for _ in range(args.batch)]
-    engine = build_engine(args.device, args.batch)
+    engine = build_engine(args.device, args.batch, {"auto": None, "on": True, "off": False}[args.freeze_gc])
+    clock = GcClock()
+    print(f"gc: {gc.get_freeze_count()} objects frozen by the engine, {len(gc.get_objects())} tracked")
     run(engine, prompts, args.new)  # warm-up: every shape compiled
-    for label in ("timed", "timed again"):
+    if args.device == "cuda":
+        probe_replay(engine, args.batch)
+    for label in ("timed", "timed again", "timed a third time"):
         engine.telemetry.clear()
+        clock.reset()
         t = time.perf_counter()
         steps = run(engine, prompts, args.new)
         wall = time.perf_counter() - t
         rec = engine.telemetry.steps()
         mean = lambda f: 1e3 * sum(map(f, rec)) / len(rec)  # noqa: E731
         gpu = [1e3 * (s.gpu_end - s.gpu_start) for s in rec if s.gpu_start is not None]
+        gaps = sorted(1e3 * (b.t_end - a.t_end) for a, b in zip(rec, rec[1:]))
         print(f"{label}: {steps} steps, {args.batch * args.new / wall:.0f} tok/s, {1e3 * wall / steps:.3f} ms/step; "
               f"per step: schedule {mean(lambda s: s.schedule_s):.3f}, prepare {mean(lambda s: s.prepare_s):.3f}, "
               f"launch/forward {mean(lambda s: s.forward_s):.3f}, postprocess {mean(lambda s: s.postprocess_s):.3f} ms"
               + (f"; GPU span median {sorted(gpu)[len(gpu) // 2]:.3f} ms" if gpu else ""))
+        print(f"    step to step: median {gaps[len(gaps) // 2]:.3f}, p90 {gaps[9 * len(gaps) // 10]:.3f}, "
+              f"max {gaps[-1]:.3f} ms; garbage collector: {clock}")
+    if args.passes_only:
+        engine.stop()
+        return 0
     prof = cProfile.Profile()
     prof.enable()
     run(engine, prompts, args.new)

@@ -11,6 +11,7 @@ moment its step ends.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import queue
@@ -86,6 +87,10 @@ class Engine:
         if self.runner.graphs is not None:
             log.info("capturing decode CUDA graphs for batch sizes %s ...", self.runner.graphs.sizes)
             self.runner.graphs.capture()
+        if self.config.freeze_gc is None:
+            self.config = self.config.replace(freeze_gc=device.type == "cuda")
+        if self.config.freeze_gc:
+            _freeze_gc()
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.token_budget, config.policy)
         self.telemetry = Telemetry(config.telemetry_steps, max_events=64 * config.telemetry_steps)
@@ -554,6 +559,20 @@ class Engine:
         if prompt_len + params.max_new_tokens > limit:
             raise ValueError(f"max_new_tokens={params.max_new_tokens} with a {prompt_len}-token prompt exceeds "
                              f"the {limit}-token limit; max_new_tokens must be <= {limit - prompt_len}")
+
+
+def _freeze_gc() -> None:
+    """Move every object alive now (torch, the model, the tokenizer) out of the collector's sight.
+
+    A full collection walks every tracked object: with torch and transformers
+    imported that is several hundred thousand, ~0.1 s on one core, and the
+    objects a long run keeps alive trigger one every few thousand tokens. On a
+    GPU a 1-2 ms step then waits for it. Frozen objects are still freed by
+    reference counting; only cycles among them are never collected.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("froze %d objects out of the garbage collector's full passes", gc.get_freeze_count())
 
 
 def _make_params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:

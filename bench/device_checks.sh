@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 3 and 4 in one device call (bench/NOTES.md explains the numbers):
+# compiled kernel tests, the engine's GPU tests, the kernel bandwidth benchmark and the host
+# profile of workload (a). Everything lands in $OUT (or ./device_out): at most 8 files.
+#   bash bench/device_checks.sh [kernels] [gpu] [kbench] [profile]   (default: all four)
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { tail -20 /tmp/pip.log; exit 1; }
+steps=${*:-kernels gpu kbench profile}
+{ date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} >"$OUT/env.txt" 2>&1
+for step in $steps; do
+  case $step in
+    kernels) timeout 300 python3 -m pytest -o addopts="" tests/test_kernels.py -q -n 4 -p no:cacheprovider -rs --durations=5 >"$OUT/kernel_tests.txt" 2>&1 ;;
+    gpu) timeout 300 python3 -m pytest -o addopts="" tests/test_gpu.py -q -p no:cacheprovider -rs --durations=5 >"$OUT/gpu_tests.txt" 2>&1 ;;
+    kbench) timeout 240 python3 bench/kernel_bench.py --out-dir "$OUT" >"$OUT/kernel_bench.log" 2>&1 ;;
+    profile) { timeout 150 python3 bench/host_profile.py --device cuda --freeze-gc off --passes-only
+               echo "--- engine default (freeze_gc on for CUDA) ---"
+               timeout 300 python3 bench/host_profile.py --device cuda --top 40; } >"$OUT/host_profile.txt" 2>&1 ;;
+  esac
+  echo "$step exit $?" >>"$OUT/env.txt"
+done
+tail -3 "$OUT"/*.txt
