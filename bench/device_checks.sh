@@ -15,7 +15,7 @@ steps=${*:-kernels gpu kbench profile}
 for step in $steps; do
   case $step in
     kernels) timeout 300 python3 -m pytest -o addopts="" tests/test_kernels.py -q -n 4 -p no:cacheprovider -rs --durations=5 >"$OUT/kernel_tests.txt" 2>&1 ;;
-    gpu) timeout 300 python3 -m pytest -o addopts="" tests/test_gpu.py -q -p no:cacheprovider -rs --durations=5 >"$OUT/gpu_tests.txt" 2>&1 ;;
+    gpu) timeout 300 python3 -m pytest -o addopts="" tests/test_gpu.py -v -p no:cacheprovider -rs --durations=5 >"$OUT/gpu_tests.txt" 2>&1 ;;
     kbench) timeout 240 python3 bench/kernel_bench.py --out-dir "$OUT" >"$OUT/kernel_bench.log" 2>&1 ;;
     profile) { timeout 150 python3 bench/host_profile.py --device cuda --freeze-gc off --passes-only
                echo "--- engine default (freeze_gc on for CUDA) ---"

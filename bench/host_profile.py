@@ -88,7 +88,7 @@ class GcClock:
         return ", ".join(f"gen{g} {n}x {1e3 * s:.1f} ms" for g, (n, s) in enumerate(zip(self.counts, self.seconds)))
 
 
-def probe_replay(engine, batch: int, n: int = 200) -> None:
+def probe_replay(engine, batch: int, args_context: int, n: int = 200) -> None:
     """Host cost of one graph launch, and a replay's latency, outside the loop."""
     import torch
 
@@ -99,14 +99,14 @@ def probe_replay(engine, batch: int, n: int = 200) -> None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(n):
-                graphs.replay(batch)
+                graphs.replay(batch, args_context)
                 if sync_each:
                     stream.synchronize()
             host = time.perf_counter() - t0
             torch.cuda.synchronize()
             total = time.perf_counter() - t0
             what = "replay + sync each" if sync_each else "replays queued back to back"
-            print(f"graph probe, batch {batch}, {what}: {1e6 * host / n:.1f} us host per call, "
+            print(f"graph probe, batch {batch}, context {args_context}, {what}: {1e6 * host / n:.1f} us host per call, "
                   f"{1e6 * total / n:.1f} us per replay all in")
 
 
@@ -127,7 +127,8 @@ def main() -> int:
     print(f"gc: {gc.get_freeze_count()} objects frozen by the engine, {len(gc.get_objects())} tracked")
     run(engine, prompts, args.new)  # warm-up: every shape compiled
     if args.device == "cuda":
-        probe_replay(engine, args.batch)
+        for context in engine.runner.graphs.context_bounds:
+            probe_replay(engine, args.batch, context)
     for label in ("timed", "timed again", "timed a third time"):
         engine.telemetry.clear()
         clock.reset()
@@ -144,6 +145,15 @@ def main() -> int:
               + (f"; GPU span median {sorted(gpu)[len(gpu) // 2]:.3f} ms" if gpu else ""))
         print(f"    step to step: median {gaps[len(gaps) // 2]:.3f}, p90 {gaps[9 * len(gaps) // 10]:.3f}, "
               f"max {gaps[-1]:.3f} ms; garbage collector: {clock}")
+        first, last = rec[0], rec[-1]
+        print(f"    submit to first step start {1e3 * (first.t_start - t):.2f} ms, last step end to done "
+              f"{1e3 * (t + wall - last.t_end):.2f} ms; slowest steps:")
+        for s in sorted(rec, key=lambda s: s.t_end - s.t_start, reverse=True)[:4]:
+            span = f"{1e3 * (s.gpu_end - s.gpu_start):.2f}" if s.gpu_start is not None else "-"
+            print(f"      step {s.step}: {s.num_tokens} tokens, graphed {s.graphed}, start to end "
+                  f"{1e3 * (s.t_end - s.t_start):.2f} ms (schedule {1e3 * s.schedule_s:.2f}, prepare "
+                  f"{1e3 * s.prepare_s:.2f}, launch {1e3 * s.forward_s:.2f}, post {1e3 * s.postprocess_s:.2f}), "
+                  f"GPU {span} ms")
     if args.passes_only:
         engine.stop()
         return 0

@@ -102,3 +102,22 @@ def test_decode_steps_replay_cuda_graphs(hf32):
         engine.reconfigure(overlap=False)
         b = engine.generate_batch(prompts(5, 3), max_new_tokens=24, ignore_eos=True, progress=False)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_short_and_long_context_graphs_give_the_eager_tokens(hf32):
+    """Contexts that grow past the short-context bound switch graph sets mid-request (unsplit
+    attention below it, split above); fp32 greedy tokens equal the eager path's."""
+    from workbench.graphs import SHORT_CONTEXT
+
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
+    ps = prompts(6, 4, lo=SHORT_CONTEXT - 40, hi=SHORT_CONTEXT - 10)
+    outs = {}
+    for graphs in (True, False):
+        with workbench.Engine(loaded, dtype="float32", device="cuda", num_blocks=512, max_batch=8,
+                              cuda_graphs=graphs) as engine:
+            outs[graphs] = [o.token_ids for o in engine.generate_batch(ps, max_new_tokens=48, ignore_eos=True,
+                                                                       progress=False)]
+            if graphs:
+                bounds = {bound for bound, _ in engine.runner.graphs.replays}
+                assert bounds == set(engine.runner.graphs.context_bounds) and len(bounds) == 2, bounds
+    assert outs[True] == outs[False]

@@ -357,7 +357,7 @@ def _check_attention(batch: Batch, dtype, seed, config=None) -> None:
 
 @pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("block_size,group", [(1, 4), (16, 1), (16, 3), (64, 8), (16, 8), (64, 3)])
+@pytest.mark.parametrize("block_size,group", [(1, 4), (7, 3), (16, 1), (16, 3), (64, 8), (16, 8), (64, 3)])
 def test_paged_attention(mode, dtype, block_size, group, gen, seed):
     # three fresh prompts of up to 300 tokens already cost the interpreter seconds
     q_lens, seq_lens = ragged_lengths(mode, 3 if mode == "prefill" else 4, 300, gen)

@@ -257,6 +257,31 @@ def test_a_raising_on_done_callback_does_not_hurt_other_requests(make_engine):
     assert engine.is_running and engine.generate_batch(["Hi"], max_new_tokens=2, progress=False)[0].token_ids
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop re-raises, by design
+def test_a_loop_that_dies_fails_every_request_with_the_cause(make_engine, monkeypatch):
+    """An error the step cannot contain (on CUDA: a sticky device fault, raised again while
+    cleaning up) ends the loop; every open request gets the cause, none hangs."""
+    engine = make_engine(num_blocks=64, max_batch=2)
+    handles = [engine.submit(chat(q), max_new_tokens=300, ignore_eos=True) for q in QUESTIONS[:3]]
+    next(iter(handles[0]))  # running; the third one is queued
+
+    def sticky_fault(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine, "_step_guarded", sticky_fault)
+    for h in handles:
+        out = h.result(timeout=60)
+        assert out.finish_reason == "error"
+        assert out.error == "engine stopped: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert not engine.is_running and engine.blocks.num_free == engine.blocks.limit
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit("hi")
+    monkeypatch.undo()
+    engine.start()
+    assert engine.generate_batch([chat(QUESTIONS[1])], max_new_tokens=4, ignore_eos=True,
+                                 progress=False)[0].finish_reason == "length"
+
+
 # ------------------------------------------------------------------ stop / start
 def test_stop_with_requests_in_flight_closes_every_one_with_an_error(make_engine):
     engine = make_engine(num_blocks=64, max_batch=2)

@@ -265,3 +265,27 @@ def test_set_limit_shrink_keeps_owned_blocks_until_freed_and_grow_returns_them()
     bm.set_limit(8)
     assert bm.num_free == 8
     bm.check([])
+
+
+def test_preemption_takes_the_newest_running_request_and_requeues_it_first() -> None:
+    """Out of blocks in a decode step: the newest running request gives its blocks back, keeps
+    its generated tokens, and goes to the head of the queue, ahead of requests never admitted."""
+    bm = BlockManager(capacity=6, block_size=2, prefix_caching=False)
+    sched = Scheduler(bm, max_batch=3, token_budget=100)
+    old, mid, new = (Request(name, [1, 2, 3, 4], SamplingParams(8)) for name in ("old", "mid", "new"))
+    for r in (old, mid, new):
+        sched.add(r)
+    batch = sched.schedule()  # all three prefilled: 2 blocks each, the cache is full
+    assert [i.request for i in batch.items] == [old, mid, new] and bm.num_free == 0
+    sched.advance(batch)
+    for r in (old, mid, new):
+        r.output_token_ids.append(0)
+    late = Request("late", [1, 1], SamplingParams(2))
+    sched.add(late)
+    batch = sched.schedule()  # each decode needs a third block: only preempting frees one
+    assert batch.preempted == [new]
+    assert [i.request for i in batch.items] == [old, mid] and list(sched.running) == [old, mid]
+    assert list(sched.waiting) == [new, late]
+    assert new.block_ids == [] and new.num_computed == 0 and new.output_token_ids == [0]
+    assert new.num_preemptions == 1 and new.status is Status.WAITING
+    sched.check()

@@ -303,21 +303,23 @@ class Engine:
         done.wait(60)
 
     def _loop(self) -> None:
+        reason = "engine stopped"
         try:
             while self._running:
                 busy = self.scheduler.has_work() or self._inflight is not None
                 self._drain_inbox(block=not busy)
                 if self._running and (self.scheduler.has_work() or self._inflight is not None):
                     self._step_guarded()
-        except BaseException:
+        except BaseException as exc:
             log.exception("the engine loop died; every request in flight is failed")
+            reason = f"engine stopped: {type(exc).__name__}: {exc}"  # the cause reaches every caller
             raise
         finally:
             self._running = False  # a dead loop must refuse new work, not queue it forever
             self._drain_inbox(block=False)
             self._inflight = None
             for live in list(self._live.values()):
-                self._end(live, "error", error="engine stopped")
+                self._end(live, "error", error=reason)
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -1,18 +1,24 @@
-"""CUDA graphs for decode-only steps, one per padded batch size.
+"""CUDA graphs for decode-only steps, one per padded batch size and context bound.
 
 A decode step of a small model is hundreds of tiny kernel launches; replaying
 a captured graph turns them into one launch. Graphs need fixed shapes and
 fixed addresses, so each batch-size bucket owns static input buffers: the
 step's inputs are copied in, padding rows get slot -1 (their K/V are written
-nowhere) and a one-token context in block 0 (read, never used). Attention is
-captured with `max_seqlen_k = max_model_len`, which only affects how the
-Triton kernel splits long contexts, never what it computes.
+nowhere) and a one-token context in block 0 (read, never used).
+
+Attention is captured with a bound on the context (`max_seqlen_k`), which only
+decides how the Triton kernel splits the keys, never what it computes. Long
+contexts at small batch need the split (one program per KV head and request
+cannot keep the memory busy); short ones lose by it (each piece reads a tile
+or two and a merge kernel follows). So every bucket is captured twice: for
+contexts under `SHORT_CONTEXT` and for any context up to `max_model_len`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np  # noqa: F401 - annotations
@@ -25,6 +31,8 @@ if TYPE_CHECKING:
     from .scheduler import Batch
 
 log = logging.getLogger(__name__)
+
+SHORT_CONTEXT = 511  # the split heuristic never splits decode keys below 512
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -56,10 +64,12 @@ class DecodeGraphs:
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
         self.cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.context_bounds = sorted({min(SHORT_CONTEXT, runner.max_model_len), runner.max_model_len})
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (context bound, batch bucket)
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
         self.memory_bytes = 0
+        self.replays: Counter[tuple[int, int]] = Counter()
 
     def can_run(self, batch: "Batch", T: int, B: int, S: int) -> bool:
         return bool(self.graphs) and T == B == S and B <= self.sizes[-1] and all(i.kind == "decode" for i in batch.items)
@@ -93,25 +103,27 @@ class DecodeGraphs:
         """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
         start, before = time.perf_counter(), torch.cuda.memory_allocated(self.runner.device)
         stream = torch.cuda.Stream(self.runner.device)
-        for size in reversed(self.sizes):
-            ctx = self._context(size)
-            with torch.cuda.stream(stream):
-                self._forward(size, ctx)  # warm-up: compiles the Triton kernels outside capture
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                self.logits[size] = self._forward(size, ctx)
-            self.pool = graph.pool()
-            self.graphs[size] = graph
+        for bound in reversed(self.context_bounds):
+            for size in reversed(self.sizes):
+                ctx = self._context(size, bound)
+                with torch.cuda.stream(stream):
+                    self._forward(size, ctx)  # warm-up: compiles the Triton kernels outside capture
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.logits[bound, size] = self._forward(size, ctx)
+                self.pool = graph.pool()
+                self.graphs[bound, size] = graph
         torch.cuda.synchronize(self.runner.device)
         self.memory_bytes = torch.cuda.memory_allocated(self.runner.device) - before
-        log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.0f MiB", len(self.graphs),
-                 self.sizes[0], self.sizes[-1], time.perf_counter() - start, self.memory_bytes / 2**20)
+        log.info("captured %d decode CUDA graphs (batch %d..%d, contexts up to %s) in %.1f s, %.0f MiB",
+                 len(self.graphs), self.sizes[0], self.sizes[-1], self.context_bounds, time.perf_counter() - start,
+                 self.memory_bytes / 2**20)
 
-    def _context(self, size: int) -> AttentionContext:
+    def _context(self, size: int, bound: int) -> AttentionContext:
         return AttentionContext(
             cu_seqlens_q=self.cu[: size + 1], seq_lens=self.seq_lens[:size], block_tables=self.tables[:size],
-            slot_mapping=self.slot_mapping[:size], max_seqlen_q=1, max_seqlen_k=self.runner.max_model_len,
+            slot_mapping=self.slot_mapping[:size], max_seqlen_q=1, max_seqlen_k=bound,
             kv_caches=self.runner.kv_caches,
         )
 
@@ -120,8 +132,10 @@ class DecodeGraphs:
         hidden = model(self.ids[:size], self.positions[:size], ctx)
         return model.compute_logits(hidden).float()
 
-    def replay(self, batch: int) -> torch.Tensor:
-        """Replay the bucket holding a loaded step of `batch` requests; its logits."""
-        size = self.bucket(batch)
-        self.graphs[size].replay()
-        return self.logits[size][:batch]
+    def replay(self, batch: int, max_context: int) -> torch.Tensor:
+        """Replay the graph for a loaded step of `batch` requests whose longest context is
+        `max_context` tokens; its logits."""
+        key = (next(b for b in self.context_bounds if b >= max_context), self.bucket(batch))
+        self.graphs[key].replay()
+        self.replays[key] += 1
+        return self.logits[key][:batch]

@@ -11,7 +11,7 @@ machinery that lets the CPU run ahead of the GPU:
 * Carry-over: a request whose last token is still `PENDING` (sampled by the
   step in flight) gets its input id gathered on the device from that step's
   sampled tensor, so no host sync sits between steps.
-* Decode-only steps replay a CUDA graph captured per padded batch size.
+* Decode-only steps replay a CUDA graph captured per padded batch size (graphs.py).
 
 On a CPU everything runs synchronously inside `launch`.
 """
@@ -250,7 +250,8 @@ class ModelRunner:
                 self.graphs.load(slot.graph_dev, numel, prev.sampled if prev is not None else None)
                 slot.consumed = torch.cuda.Event()
                 slot.consumed.record()
-                sampled = self.sampler.sample(self.graphs.replay(B), [i.request.request_id for i in sampling],
+                logits = self.graphs.replay(B, int(slot.seq_lens.numpy()[:B].max()))
+                sampled = self.sampler.sample(logits, [i.request.request_id for i in sampling],
                                               [i.request.params for i in sampling])
             else:
                 self._apply_carry(inputs, carry, prev)
