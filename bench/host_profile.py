@@ -99,7 +99,7 @@ def probe_replay(engine, batch: int, args_context: int, n: int = 200) -> None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(n):
-                graphs.replay(batch, args_context)
+                graphs.replay(batch, batch, batch, args_context)
                 if sync_each:
                     stream.synchronize()
             host = time.perf_counter() - t0

@@ -106,7 +106,8 @@ def test_decode_steps_replay_cuda_graphs(hf32):
 
 def test_short_and_long_context_graphs_give_the_eager_tokens(hf32):
     """Contexts that grow past the short-context bound switch graph sets mid-request (unsplit
-    attention below it, split above); fp32 greedy tokens equal the eager path's."""
+    attention below it, split above), and the prefill steps replay mixed-step graphs; fp32
+    greedy tokens equal the eager path's."""
     from workbench.graphs import SHORT_CONTEXT
 
     loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
@@ -120,4 +121,26 @@ def test_short_and_long_context_graphs_give_the_eager_tokens(hf32):
             if graphs:
                 bounds = {bound for bound, _ in engine.runner.graphs.replays}
                 assert bounds == set(engine.runner.graphs.context_bounds) and len(bounds) == 2, bounds
+                assert sum(engine.runner.mixed_graphs.replays.values()) > 0  # the prefill steps
+    assert outs[True] == outs[False]
+
+
+def test_mixed_step_graphs_equal_eager_with_chunked_prefill_and_sampling(hf32):
+    """Prefill chunks beside decodes (small token budget), seeded sampling rows and greedy ones:
+    mixed-step graphs give exactly the eager path's tokens in fp32."""
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
+    ps = prompts(12, 5, lo=30, hi=300)
+    kw = [dict(max_new_tokens=20 + 3 * i, ignore_eos=True) | (dict(temperature=0.8, top_p=0.9, seed=i)
+                                                                if i % 3 == 0 else {}) for i in range(len(ps))]
+    outs = {}
+    for graphs in (True, False):
+        with workbench.Engine(loaded, dtype="float32", device="cuda", num_blocks=512, max_batch=8,
+                              token_budget=200, cuda_graphs=graphs) as engine:
+            handles = [engine.submit(p, **k) for p, k in zip(ps, kw)]
+            outs[graphs] = [h.result(timeout=120).token_ids for h in handles]
+            steps = engine.telemetry.steps()
+            if graphs:
+                mixed = [s for s in steps if any(x.kind == "prefill" for x in s.slots)]
+                assert mixed and all(s.graphed for s in mixed), "every prefill step under the budget replays"
+                assert any(len(s.slots) > 1 and {x.kind for x in s.slots} == {"prefill", "decode"} for s in mixed)
     assert outs[True] == outs[False]

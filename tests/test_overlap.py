@@ -104,11 +104,42 @@ def test_graph_inputs_staged_padded_and_carried():
     host = np.full(graphs.numel, 99, dtype=np.int64)  # stale values everywhere
     tables = np.array([[7, 8], [3, 0], [5, 6]], dtype=np.int64)
     numel = graphs.stage(host, ids=np.array([11, 0, 13]), positions=np.array([17, 4, 20]),
-                         slots=np.array([113, 52, 84]), carry=np.array([-1, 2, -1]),
-                         seq_lens=np.array([18, 5, 21]), tables=tables)
+                         slots=np.array([113, 52, 84]), carry=np.array([-1, 2, -1]), cu=np.arange(4),
+                         seq_lens=np.array([18, 5, 21]), logits_idx=np.arange(3), tables=tables)
     graphs.load(torch.from_numpy(host), numel, prev_sampled=torch.tensor([40, 41, 42]))
     assert graphs.ids[:size].tolist() == [11, 42, 13, 0]  # row 1 carried prev_sampled[2]
     assert graphs.positions[:size].tolist() == [17, 4, 20, 0]
     assert graphs.slot_mapping[:size].tolist() == [113, 52, 84, -1]  # the padding row stores nothing
     assert graphs.seq_lens[:size].tolist() == [18, 5, 21, 1]
     assert graphs.tables[:B, :2].tolist() == tables.tolist() and graphs.tables[3, 0].item() == 0
+
+
+def test_mixed_step_graph_inputs_padded_into_one_padding_sequence():
+    """A prefill chunk and a decode in one step, staged for a mixed-step graph: the padding tokens
+    form one extra sequence that stores nothing and reads block 0, the other slots are empty."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from workbench.graphs import MixedGraphs, token_buckets
+
+    assert token_buckets(512) == [64, 96, 128, 192, 256, 384, 512]
+    assert token_buckets(100) == [64, 96, 100]
+    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=16, max_model_len=64, block_size=4)
+    graphs = MixedGraphs(runner, max_batch=3, token_budget=100)
+    assert graphs.sizes == [64] and graphs.p == 4  # buckets capped at max_model_len
+    host = np.full(graphs.numel, 99, dtype=np.int64)  # stale values everywhere
+    T = 6  # request 0: a 5-token chunk at positions 3..7 (samples); request 1: one decode (carried)
+    numel = graphs.stage(host, ids=np.array([5, 6, 7, 8, 9, 0]), positions=np.array([3, 4, 5, 6, 7, 10]),
+                         slots=np.array([3, 4, 5, 6, 7, 50]), carry=np.array([-1, -1, -1, -1, -1, 1]),
+                         cu=np.array([0, 5, 6]), seq_lens=np.array([8, 11]), logits_idx=np.array([4, 5]),
+                         tables=np.array([[0, 1, 0], [9, 11, 12]]))
+    graphs.load(torch.from_numpy(host), numel, prev_sampled=torch.tensor([70, 71]))
+    assert graphs.ids[:T].tolist() == [5, 6, 7, 8, 9, 71] and not graphs.ids[T:64].any()
+    assert graphs.slot_mapping[T:64].eq(-1).all() and graphs.positions[T:64].eq(0).all()
+    assert graphs.cu.tolist() == [0, 5, 6, 64, 64]  # the padding sequence owns tokens 6..63
+    assert graphs.seq_lens.tolist() == [8, 11, 58, 0]
+    assert graphs.logits_idx.tolist() == [4, 5, 0, 0]
+    assert graphs.tables[:2, :3].tolist() == [[0, 1, 0], [9, 11, 12]]
+    assert graphs.tables[2, :15].eq(0).all()  # 58 tokens of its own context: block 0, always

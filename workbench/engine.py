@@ -85,8 +85,9 @@ class Engine:
         self._inflight: InFlight | None = None
         self._gpu_clock: tuple[torch.cuda.Event, float] | None = None
         if self.runner.graphs is not None:
-            log.info("capturing decode CUDA graphs for batch sizes %s ...", self.runner.graphs.sizes)
-            self.runner.graphs.capture()
+            log.info("capturing CUDA graphs: decode steps of %s requests, mixed steps of %s tokens ...",
+                     self.runner.graphs.sizes, self.runner.mixed_graphs.sizes)
+            self.runner.capture_graphs()
         if self.config.freeze_gc is None:
             self.config = self.config.replace(freeze_gc=device.type == "cuda")
         if self.config.freeze_gc:
@@ -273,6 +274,7 @@ class Engine:
             "free_blocks": self.blocks.num_free, "num_blocks": self.blocks.limit, "step": self._step_index,
             "prefix_hit_rate": self.blocks.stats.hit_rate, "preemptions": self.scheduler.num_preemptions,
             "last_step_ms": None if last is None else 1e3 * (last.t_end - last.t_start),
+            "cuda_graph_mib": self.runner.graph_memory_bytes / 2**20,
         }
 
     def check_invariants(self) -> None:

@@ -11,7 +11,8 @@ machinery that lets the CPU run ahead of the GPU:
 * Carry-over: a request whose last token is still `PENDING` (sampled by the
   step in flight) gets its input id gathered on the device from that step's
   sampled tensor, so no host sync sits between steps.
-* Decode-only steps replay a CUDA graph captured per padded batch size (graphs.py).
+* Steps replay CUDA graphs (graphs.py): decode-only steps one per padded batch size,
+  prefill and mixed steps one per padded token count.
 
 On a CPU everything runs synchronously inside `launch`.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, MixedGraphs
 from .kernels import select
 from .loading import LoadedModel
 from .models import AttentionContext
@@ -109,12 +110,30 @@ class ModelRunner:
             self.h2d_stream = torch.cuda.Stream(device)
             self.d2h_stream = torch.cuda.Stream(device)
         self.graphs = DecodeGraphs(self, max_batch) if (self.cuda and cuda_graphs) else None
+        self.mixed_graphs = MixedGraphs(self, max_batch, token_budget) if (self.cuda and cuda_graphs) else None
         self._slots = [self._new_slot(max_tokens, max_seqs) for _ in range(2)]
         self._next_slot = 0
 
     def _new_slot(self, max_tokens: int, max_seqs: int) -> _HostSlot:
-        graph_numel = self.graphs.numel if self.graphs is not None else 0
+        graph_numel = max((g.numel for g in (self.graphs, self.mixed_graphs) if g is not None), default=0)
         return _HostSlot(max_tokens, max_seqs, self.max_blocks, self.cuda, graph_numel, self.device)
+
+    def capture_graphs(self) -> None:
+        """Capture the decode and the mixed-step graphs (warm-up time; one shared memory pool)."""
+        pool = None
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None:
+                pool = graphs.capture(pool)
+
+    @property
+    def graph_memory_bytes(self) -> int:
+        return sum(g.memory_bytes for g in (self.graphs, self.mixed_graphs) if g is not None)
+
+    def _graphs_for(self, batch: Batch, T: int, B: int, S: int) -> DecodeGraphs | MixedGraphs | None:
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None and graphs.can_run(batch, T, B, S):
+                return graphs
+        return None
 
     @property
     def kernels_name(self) -> str:
@@ -231,10 +250,11 @@ class ModelRunner:
             flight.tokens = flight.sampled.tolist()
             flight.launch_s = time.perf_counter() - t1
             return flight
-        graphed = self.graphs is not None and self.graphs.can_run(batch, T, B, S)
+        graphs = self._graphs_for(batch, T, B, S)
+        graphed = graphs is not None
         with torch.cuda.stream(self.h2d_stream):
-            if graphed:
-                numel = self._stage_graph(slot, T, B, width)
+            if graphs is not None:
+                numel = self._stage_graph(graphs, slot, T, B, S, width)
             else:
                 inputs = self._to_device(slot, T, B, S, width)
                 carry = self._carry(slot, T, prev)
@@ -246,11 +266,11 @@ class ModelRunner:
                 self.compute_stream.wait_event(prev.gpu_end)
             flight.gpu_start = torch.cuda.Event(enable_timing=True)
             flight.gpu_start.record()
-            if graphed:
-                self.graphs.load(slot.graph_dev, numel, prev.sampled if prev is not None else None)
+            if graphs is not None:
+                graphs.load(slot.graph_dev, numel, prev.sampled if prev is not None else None)
                 slot.consumed = torch.cuda.Event()
                 slot.consumed.record()
-                logits = self.graphs.replay(B, int(slot.seq_lens.numpy()[:B].max()))
+                logits = graphs.replay(T, B, S, int(slot.seq_lens.numpy()[:B].max()))
                 sampled = self.sampler.sample(logits, [i.request.request_id for i in sampling],
                                               [i.request.params for i in sampling])
             else:
@@ -274,14 +294,15 @@ class ModelRunner:
         flight.launch_s = time.perf_counter() - t1
         return flight
 
-    def _stage_graph(self, slot: _HostSlot, T: int, B: int, width: int) -> int:
+    def _stage_graph(self, graphs: DecodeGraphs | MixedGraphs, slot: _HostSlot, T: int, B: int, S: int,
+                     width: int) -> int:
         """On the H2D stream: the step, in the graphs' static layout, to this slot's device copy."""
-        assert self.graphs is not None and slot.graph_dev is not None
+        assert slot.graph_dev is not None
         if slot.consumed is not None:
             self.h2d_stream.wait_event(slot.consumed)  # the compute stream has read it two steps ago
-        numel = self.graphs.stage(slot.graph_host.numpy(), slot.ids.numpy()[:T], slot.positions.numpy()[:T],
-                                  slot.slots.numpy()[:T], slot.carry.numpy()[:T], slot.seq_lens.numpy()[:B],
-                                  slot.tables.numpy()[:B, :width])
+        numel = graphs.stage(slot.graph_host.numpy(), slot.ids.numpy()[:T], slot.positions.numpy()[:T],
+                             slot.slots.numpy()[:T], slot.carry.numpy()[:T], slot.cu.numpy()[: B + 1],
+                             slot.seq_lens.numpy()[:B], slot.logits_idx.numpy()[:S], slot.tables.numpy()[:B, :width])
         slot.graph_dev[:numel].copy_(slot.graph_host[:numel], non_blocking=True)
         return numel
 
