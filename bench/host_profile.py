@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def build_engine(device: str, batch: int, freeze_gc: bool | None = None):
+def build_engine(device: str, batch: int, freeze_gc: bool | None = None, prefix_caching: bool = False):
     import torch
     import transformers
 
@@ -51,10 +51,21 @@ def build_engine(device: str, batch: int, freeze_gc: bool | None = None):
     tok = transformers.AutoTokenizer.from_pretrained(ROOT / ".cache" / "gpu" / "smollm2")
     loaded = LoadedModel(model.eval(), tok, mc, f"random {mc.num_layers}-layer", frozenset({2}))
     return workbench.Engine(loaded, device=device, dtype=str(dtype).removeprefix("torch."), max_batch=batch,
-                            token_budget=4096, num_blocks=4096, prefix_caching=False, freeze_gc=freeze_gc, start=False)
+                            token_budget=4096, num_blocks=4096, prefix_caching=prefix_caching, freeze_gc=freeze_gc,
+                            start=False)
+
+
+def run_threaded(engine, prompts, new_tokens: int) -> int:
+    """As an application drives it: the loop thread steps, this thread submits and waits."""
+    before = engine.stats()["step"]
+    handles = [engine.submit(p, max_new_tokens=new_tokens, ignore_eos=True) for p in prompts]
+    assert all(h.result(timeout=300).finish_reason == "length" for h in handles)
+    return engine.stats()["step"] - before
 
 
 def run(engine, prompts, new_tokens: int) -> int:
+    if engine.is_running:
+        return run_threaded(engine, prompts, new_tokens)
     engine._running = True  # drive the loop by hand on this thread
     handles = [engine.submit(p, max_new_tokens=new_tokens, ignore_eos=True) for p in prompts]
     steps = 0
@@ -119,21 +130,28 @@ def main() -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--freeze-gc", choices=("auto", "on", "off"), default="auto", help="EngineConfig.freeze_gc")
     p.add_argument("--passes-only", action="store_true", help="skip cProfile and the kernel table")
+    p.add_argument("--threaded", action="store_true", help="run the engine's own loop thread (as the benchmark does)")
+    p.add_argument("--prefix-caching", action="store_true", help="EngineConfig.prefix_caching (off by default here)")
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 49152) for _ in range(args.prompt)] for _ in range(args.batch)]
-    engine = build_engine(args.device, args.batch, {"auto": None, "on": True, "off": False}[args.freeze_gc])
+    engine = build_engine(args.device, args.batch, {"auto": None, "on": True, "off": False}[args.freeze_gc],
+                          args.prefix_caching)
+    print(f"threaded={args.threaded} prefix_caching={args.prefix_caching}")
     clock = GcClock()
     print(f"gc: {gc.get_freeze_count()} objects frozen by the engine, {len(gc.get_objects())} tracked")
     run(engine, prompts, args.new)  # warm-up: every shape compiled
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.threaded:
         for context in engine.runner.graphs.context_bounds:
             probe_replay(engine, args.batch, context)
-    for label in ("timed", "timed again", "timed a third time"):
+    if args.threaded:
+        engine.start()
+    for k, label in enumerate(("timed", "timed again", "timed a third time"), start=1):
         engine.telemetry.clear()
         clock.reset()
+        other = [[(x + k * 7919) % 49000 + 3 for x in p] for p in prompts]  # no prefix-cache hits either
         t = time.perf_counter()
-        steps = run(engine, prompts, args.new)
+        steps = run(engine, other, args.new)
         wall = time.perf_counter() - t
         rec = engine.telemetry.steps()
         mean = lambda f: 1e3 * sum(map(f, rec)) / len(rec)  # noqa: E731
