@@ -51,6 +51,7 @@ class _Live:
     handle: RequestHandle
     detok: IncrementalDetokenizer
     sent: int = 0  # characters of request.text already streamed
+    hold: int = 0  # characters held back while they could still start a stop string
 
 
 class Engine:
@@ -165,7 +166,8 @@ class Engine:
         except RuntimeError:
             loop = None
         handle = RequestHandle(rid, loop, on_done)
-        live = _Live(request, handle, IncrementalDetokenizer(self.decode_windows, ids))
+        live = _Live(request, handle, IncrementalDetokenizer(self.decode_windows, ids),
+                     hold=max((len(s) for s in params.stop), default=1) - 1)
         with self._lock:  # a stop() either comes after this (and ends the request) or made us raise
             if not self._running:
                 raise RuntimeError("the engine is stopped; call engine.start() first")
@@ -468,8 +470,7 @@ class Engine:
         if reason is not None:
             self._end(live, reason, token_ids=[token])
             return True
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        upto = max(live.sent, len(request.text) - hold)
+        upto = max(live.sent, len(request.text) - live.hold)
         live.handle.push(StreamChunk(request.request_id, [token], request.text[live.sent:upto], time=now))
         live.sent = upto
         return False

@@ -77,6 +77,11 @@ class _HostSlot:
         self.graph_host = torch.zeros(graph_numel, dtype=torch.int64, pin_memory=pin)
         self.graph_dev = torch.zeros(graph_numel, dtype=torch.int64, device=device) if graph_numel else None
         self.consumed: torch.cuda.Event | None = None  # the compute stream has read graph_dev
+        # Events of the step that last used this slot, made once and recorded again each time:
+        # that step has been collected and recorded before the slot comes round again.
+        if pin:
+            self.gpu_start, self.gpu_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.done, self.staged, self.loaded = torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event()
 
         self.ids, self.carry = buf(max_tokens, torch.int64), buf(max_tokens, torch.int64)
         self.positions, self.slots = buf(max_tokens, torch.int64), buf(max_tokens, torch.int64)
@@ -258,17 +263,17 @@ class ModelRunner:
             else:
                 inputs = self._to_device(slot, T, B, S, width)
                 carry = self._carry(slot, T, prev)
-            slot.copied = torch.cuda.Event()
+            slot.copied = slot.staged
             slot.copied.record(self.h2d_stream)
         self.compute_stream.wait_event(slot.copied)
         with torch.cuda.stream(self.compute_stream):
             if prev is not None and prev.gpu_end is not None:
                 self.compute_stream.wait_event(prev.gpu_end)
-            flight.gpu_start = torch.cuda.Event(enable_timing=True)
+            flight.gpu_start = slot.gpu_start
             flight.gpu_start.record()
             if graphs is not None:
                 graphs.load(slot.graph_dev, numel, prev.sampled if prev is not None else None)
-                slot.consumed = torch.cuda.Event()
+                slot.consumed = slot.loaded
                 slot.consumed.record()
                 logits = graphs.replay(T, B, S, int(slot.seq_lens.numpy()[:B].max()))
                 sampled = self.sampler.sample(logits, [i.request.request_id for i in sampling],
@@ -276,7 +281,7 @@ class ModelRunner:
             else:
                 self._apply_carry(inputs, carry, prev)
                 sampled = self._forward_sample(inputs, sampling)  # runs the model even if nothing samples
-            flight.gpu_end = torch.cuda.Event(enable_timing=True)
+            flight.gpu_end = slot.gpu_end
             flight.gpu_end.record()
         flight.graphed, flight.sampled = graphed, sampled
         if not graphed:
@@ -289,7 +294,7 @@ class ModelRunner:
             flight.host_tokens = slot.sampled[: len(sampling)]
             flight.host_tokens.copy_(sampled, non_blocking=True)
             sampled.record_stream(self.d2h_stream)
-            flight.done = torch.cuda.Event()
+            flight.done = slot.done
             flight.done.record()
         flight.launch_s = time.perf_counter() - t1
         return flight

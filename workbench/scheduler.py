@@ -110,20 +110,22 @@ class Scheduler:
             self._preempt(self.running[-1], batch)
 
     def _schedule_running(self, batch: Batch, budget: int) -> int:
-        # Decodes before prefill chunks; within each, oldest first.
-        order = sorted(self.running, key=lambda r: r.in_prefill)
-        for request in order:
+        # Decodes before prefill chunks; within each, oldest first. `remaining` is read once per
+        # request: this loop runs every step for every running request.
+        todo = [(r, r.num_tokens - r.num_computed) for r in self.running]
+        order = [x for x in todo if x[1] <= 1] + [x for x in todo if x[1] > 1]
+        for request, remaining in order:
             if budget <= 0:
                 break
             if request.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             if len(request.output_token_ids) >= request.params.max_new_tokens:
                 continue  # its last token is still on the GPU; the engine finishes it on collection
-            n = min(request.remaining, budget)
+            n = min(remaining, budget)
             if not self._reserve(request, n, batch):
                 continue
-            kind: Kind = "prefill" if request.in_prefill else "decode"
-            batch.items.append(ScheduledItem.of(request, n, kind))
+            kind: Kind = "prefill" if remaining > 1 else "decode"
+            batch.items.append(ScheduledItem(request, request.num_computed, n, kind, n == remaining))
             budget -= n
         return budget
 
