@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--skip-generate-batch", action="store_true")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.WARNING)
 
     import transformers
@@ -143,7 +145,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, tf_version: st
     for r in rows:
         r["ours_over_this"] = ours / r["tok_per_s"]
     meta = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(["workbench bench", *sys.argv[1:]]),
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(["workbench bench", *args.argv]),
         "device": f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": tf_version,
         "workload": f"{args.requests} chat prompts x {args.new_tokens} new tokens, greedy, fp32, EOS ignored",
