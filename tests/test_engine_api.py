@@ -211,3 +211,25 @@ def test_a_burst_lands_at_one_step_boundary(make_engine):
         engine.generate_batch(CHATS[:6], max_new_tokens=4, ignore_eos=True, progress=False)
         first = engine.telemetry.steps()[0]
         assert first.num_running == 6, f"first step ran {first.num_running} of 6"
+
+
+def test_incremental_detokenizer_streams_exact_text_with_about_one_decode_per_token(embedded):
+    """Multi-byte characters (accents, CJK, emoji with modifiers) come out whole and exact, never
+    as half a character, and a token costs one window decode, not two, after the first."""
+    from workbench.detokenizer import IncrementalDetokenizer, window_decoder
+
+    tok = embedded.tokenizer
+    decode = window_decoder(tok)
+    calls = []
+
+    def counting(windows):
+        calls.append(len(windows))
+        return decode(windows)
+
+    text = "Héllo wörld, naïve café 😀👍🏽 中文字符 ñ — and plain words after them " * 3
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(counting, tok.encode("Hi", add_special_tokens=False))
+    pieces = [d.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(calls) < 1.3 * len(ids), (sum(calls), len(ids))

@@ -30,23 +30,40 @@ def window_decoder(tokenizer: Any) -> WindowDecoder:
 
 
 class IncrementalDetokenizer:
+    """The text a request's tokens add, one token at a time.
+
+    The window starts `CONTEXT_TOKENS` before the last emitted text and grows
+    with each token; the text already emitted from it (`before`) is kept, so a
+    token costs one decode, not two. Once the window is long, it restarts at
+    the last emitted token (and the next token decodes `before` afresh).
+    """
+
     def __init__(self, decode: WindowDecoder, prompt_ids: list[int]) -> None:
         self.decode = decode
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix = 0
         self.read = len(self.ids)
+        self.before: str | None = None  # decode(ids[prefix:read]) once known
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text it completes (possibly empty)."""
         return push_many(self.decode, [self], [token_id])[0]
 
-    def windows(self) -> tuple[list[int], list[int]]:
-        return self.ids[self.prefix : self.read], self.ids[self.prefix :]
+    def windows(self) -> list[list[int]]:
+        if self.before is None:
+            return [self.ids[self.prefix : self.read], self.ids[self.prefix :]]
+        return [self.ids[self.prefix :]]
 
-    def advance(self, before: str, after: str) -> str:
+    def advance(self, texts: list[str]) -> str:
+        before, after = (self.before, texts[0]) if self.before is not None else texts
+        self.before = before
         if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
+            return ""  # nothing printable yet (half a character): the window grows
+        if self.read - self.prefix >= 2 * CONTEXT_TOKENS:
+            self.prefix, self.before = self.read, None
+        else:
+            self.before = after
+        self.read = len(self.ids)
         return after[len(before):]
 
 
@@ -62,4 +79,9 @@ def push_many(decode: WindowDecoder, detoks: list[IncrementalDetokenizer], token
         for d in detoks:
             d.ids.pop()  # leave every request as it was, so the caller can retry one by one
         raise
-    return [d.advance(texts[2 * i], texts[2 * i + 1]) for i, d in enumerate(detoks)]
+    out, i = [], 0
+    for d in detoks:
+        n = 1 if d.before is not None else 2
+        out.append(d.advance(texts[i : i + n]))
+        i += n
+    return out
