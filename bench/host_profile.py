@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def build_engine(device: str, batch: int, freeze_gc: bool | None = None, prefix_caching: bool = False):
+def build_engine(device: str, batch: int, freeze_gc: bool | None = None, prefix_caching: bool = False,
+                 num_blocks: int | None = 4096):
     import torch
     import transformers
 
@@ -51,7 +52,7 @@ def build_engine(device: str, batch: int, freeze_gc: bool | None = None, prefix_
     tok = transformers.AutoTokenizer.from_pretrained(ROOT / ".cache" / "gpu" / "smollm2")
     loaded = LoadedModel(model.eval(), tok, mc, f"random {mc.num_layers}-layer", frozenset({2}))
     return workbench.Engine(loaded, device=device, dtype=str(dtype).removeprefix("torch."), max_batch=batch,
-                            token_budget=4096, num_blocks=4096, prefix_caching=prefix_caching, freeze_gc=freeze_gc,
+                            token_budget=4096, num_blocks=num_blocks, prefix_caching=prefix_caching, freeze_gc=freeze_gc,
                             start=False)
 
 
@@ -132,12 +133,13 @@ def main() -> int:
     p.add_argument("--passes-only", action="store_true", help="skip cProfile and the kernel table")
     p.add_argument("--threaded", action="store_true", help="run the engine's own loop thread (as the benchmark does)")
     p.add_argument("--prefix-caching", action="store_true", help="EngineConfig.prefix_caching (off by default here)")
+    p.add_argument("--num-blocks", type=int, default=4096, help="KV blocks (0: sized from free memory, as the benchmark)")
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 49152) for _ in range(args.prompt)] for _ in range(args.batch)]
     engine = build_engine(args.device, args.batch, {"auto": None, "on": True, "off": False}[args.freeze_gc],
-                          args.prefix_caching)
-    print(f"threaded={args.threaded} prefix_caching={args.prefix_caching}")
+                          args.prefix_caching, args.num_blocks or None)
+    print(f"threaded={args.threaded} prefix_caching={args.prefix_caching} num_blocks={engine.blocks.limit}")
     clock = GcClock()
     print(f"gc: {gc.get_freeze_count()} objects frozen by the engine, {len(gc.get_objects())} tracked")
     run(engine, prompts, args.new)  # warm-up: every shape compiled

@@ -89,10 +89,6 @@ class Engine:
             log.info("capturing CUDA graphs: decode steps of %s requests, mixed steps of %s tokens ...",
                      self.runner.graphs.sizes, self.runner.mixed_graphs.sizes)
             self.runner.capture_graphs()
-        if self.config.freeze_gc is None:
-            self.config = self.config.replace(freeze_gc=device.type == "cuda")
-        if self.config.freeze_gc:
-            _freeze_gc()
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.token_budget, config.policy)
         self.telemetry = Telemetry(config.telemetry_steps, max_events=64 * config.telemetry_steps)
@@ -107,6 +103,10 @@ class Engine:
         self._pending = 0  # submitted, not yet handed to the scheduler (guarded by _lock)
         self._lock = threading.Lock()  # orders submit against stop, so no request slips past a stop
         self.num_failed_steps = 0
+        if self.config.freeze_gc is None:
+            self.config = self.config.replace(freeze_gc=device.type == "cuda")
+        if self.config.freeze_gc:
+            _freeze_gc()  # last, so the block table (one object per KV block) is frozen too
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, kernels=%s", self.loaded.name,
                  device, dtype, num_blocks, config.block_size, self.runner.kernels_name)
         if start:
