@@ -97,7 +97,8 @@ def test_graph_inputs_staged_padded_and_carried():
 
     from workbench.graphs import DecodeGraphs
 
-    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=5, max_model_len=80)
+    model = SimpleNamespace(embed_tokens=torch.nn.Embedding(10, 4), lm_head=None)
+    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=5, max_model_len=80, model=model)
     graphs = DecodeGraphs(runner, max_batch=8)
     B, size = 3, graphs.bucket(3)
     assert size == 4 and graphs.sizes[-1] == 8
@@ -126,7 +127,8 @@ def test_mixed_step_graph_inputs_padded_into_one_padding_sequence():
 
     assert token_buckets(512) == [64, 96, 128, 192, 256, 384, 512]
     assert token_buckets(100) == [64, 96, 100]
-    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=16, max_model_len=64, block_size=4)
+    model = SimpleNamespace(embed_tokens=torch.nn.Embedding(10, 4), lm_head=None)
+    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=16, max_model_len=64, block_size=4, model=model)
     graphs = MixedGraphs(runner, max_batch=3, token_budget=100)
     assert graphs.sizes == [64] and graphs.p == 4  # buckets capped at max_model_len
     host = np.full(graphs.numel, 99, dtype=np.int64)  # stale values everywhere

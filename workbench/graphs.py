@@ -64,8 +64,13 @@ class _StepGraphs:
 
     kind = ""
 
-    def __init__(self, runner: "ModelRunner", numel: int, keys: list[tuple[int, int]]) -> None:
+    def __init__(self, runner: "ModelRunner", numel: int, keys: list[tuple[int, int]], rows: int) -> None:
         self.runner = runner
+        # Every graph of the family writes its logits (model dtype) into this one buffer: a step's
+        # logits are read on the compute stream before the next replay, so they never collide.
+        model = runner.model
+        vocab = (model.embed_tokens if model.lm_head is None else model.lm_head).weight.shape[0]
+        self.out = torch.empty((rows, vocab), dtype=model.embed_tokens.weight.dtype, device=runner.device)
         self.width = runner.max_blocks
         self.numel = numel
         self.static = torch.zeros(numel, dtype=torch.int64, device=runner.device)
@@ -105,7 +110,7 @@ class _StepGraphs:
             pool = graph.pool()
             self.graphs[key] = graph
         torch.cuda.synchronize(device)
-        self.memory_bytes = torch.cuda.memory_allocated(device) - before
+        self.memory_bytes = torch.cuda.memory_allocated(device) - before + self.out.numel() * self.out.element_size()
         log.info("captured %d %s CUDA graphs %s in %.1f s, %.0f MiB", len(self.graphs), self.kind,
                  sorted(self.graphs), time.perf_counter() - start, self.memory_bytes / 2**20)
         return pool
@@ -136,7 +141,7 @@ class DecodeGraphs(_StepGraphs):
         top = self.top = self.sizes[-1]
         self.context_bounds = sorted({min(SHORT_CONTEXT, runner.max_model_len), runner.max_model_len})
         keys = [(bound, size) for bound in reversed(self.context_bounds) for size in reversed(self.sizes)]
-        super().__init__(runner, 5 * top + top * runner.max_blocks, keys)
+        super().__init__(runner, 5 * top + top * runner.max_blocks, keys, top)
         self._views(top, ("ids", "positions", "slot_mapping", "carry", "seq_lens"))
         self.tables = self.static[5 * top :].view(top, self.width)
         self.slot_mapping.fill_(-1)
@@ -173,7 +178,7 @@ class DecodeGraphs(_StepGraphs):
             kv_caches=self.runner.kv_caches,
         )
         model = self.runner.model
-        return model.compute_logits(model(self.ids[:size], self.positions[:size], ctx)).float()
+        return model.compute_logits(model(self.ids[:size], self.positions[:size], ctx), out=self.out[:size])
 
     def replay(self, T: int, B: int, S: int, max_context: int) -> torch.Tensor:
         """Replay the graph for a loaded step of B requests whose longest context is
@@ -201,7 +206,7 @@ class MixedGraphs(_StepGraphs):
         self.offsets = {"cu": 4 * tm, "seq_lens": 4 * tm + p + 1, "logits_idx": 4 * tm + 2 * p + 1,
                         "tables": 4 * tm + 3 * p + 1}
         super().__init__(runner, self.offsets["tables"] + p * runner.max_blocks,
-                         [(tm, 0) for tm in reversed(self.sizes)])
+                         [(tm, 0) for tm in reversed(self.sizes)], p)
         self._views(tm, ("ids", "positions", "slot_mapping", "carry"))
         o = self.offsets
         self.cu, self.seq_lens = self.static[o["cu"] : o["seq_lens"]], self.static[o["seq_lens"] : o["logits_idx"]]
@@ -255,7 +260,7 @@ class MixedGraphs(_StepGraphs):
         )
         model = self.runner.model
         hidden = model(self.ids[:size], self.positions[:size], ctx)
-        return model.compute_logits(hidden[self.logits_idx]).float()
+        return model.compute_logits(hidden[self.logits_idx], out=self.out[: self.p])
 
     def replay(self, T: int, B: int, S: int, max_context: int) -> torch.Tensor:
         """Replay the graph for a loaded step of T tokens; the logits of its S sampling rows."""

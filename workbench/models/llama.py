@@ -129,9 +129,9 @@ class DecoderModel(nn.Module):
             x = layer.mlp(h, k)
         return k.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.t()
+        return torch.matmul(hidden, weight.t(), out=out)
 
     def use_cpu_layout(self) -> None:
         """Store the wide matrices column-major: MKL's skinny GEMMs read them ~10-50% faster.
