@@ -41,6 +41,32 @@ def test_streams_short_requests_finish_first_and_chunks_add_up(make_engine):
     assert order[0] == 0 and order[-1] == 1
 
 
+def test_a_step_wakes_each_event_loop_once_not_once_per_stream(make_engine):
+    """Eight streams in one event loop: every token arrives, but the engine thread calls into the
+    loop about once per step (plus once per finished request), not once per token."""
+    engine = make_engine(max_batch=8)
+    calls = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            calls.append(callback)
+            return plain(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+        async def collect(i):
+            return [c async for c in engine.stream(CHATS[i], max_new_tokens=16, ignore_eos=True)]
+
+        return await asyncio.gather(*(collect(i) for i in range(8)))
+
+    chunks = asyncio.run(run())
+    assert [sum(len(c.token_ids) for c in cs) for cs in chunks] == [16] * 8
+    steps = len([s for s in engine.telemetry.steps() if s.tokens_emitted])
+    assert len(calls) <= steps + 8 < 8 * 16, (len(calls), steps)
+
+
 def test_concatenated_chunks_equal_final_text(make_engine):
     engine = make_engine()
 

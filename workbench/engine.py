@@ -25,7 +25,7 @@ import torch
 from .blocks import BlockManager
 from .config import LIVE_FIELDS, EngineConfig
 from .detokenizer import IncrementalDetokenizer, push_many, window_decoder
-from .handle import RequestHandle
+from .handle import RequestHandle, wake_all
 from .loading import LoadedModel, load
 from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
 from .runner import InFlight, ModelRunner
@@ -431,6 +431,7 @@ class Engine:
             request.output_token_ids[position] = token
             if self._on_token(request, token, position + 1, t2, delta):
                 finished.append(request.request_id)
+        wake_all(self._live[r.request_id].handle for r, _ in kept if r.request_id in self._live)
         t3 = time.perf_counter()
         self._record(flight, accepted, finished, t3, t3 - t2)
         self._step_index += 1
@@ -471,7 +472,7 @@ class Engine:
             self._end(live, reason, token_ids=[token])
             return True
         upto = max(live.sent, len(request.text) - live.hold)
-        live.handle.push(StreamChunk(request.request_id, [token], request.text[live.sent:upto], time=now))
+        live.handle.push(StreamChunk(request.request_id, [token], request.text[live.sent:upto], time=now), wake=False)
         live.sent = upto
         return False
 

@@ -2,7 +2,8 @@
 
 The engine thread pushes chunks; an asyncio consumer is woken through its own
 event loop (`call_soon_threadsafe`), a plain thread through a condition
-variable. Either way a chunk is visible the moment its step finishes.
+variable. Either way a chunk is visible the moment its step finishes. A step's
+token chunks wake each event loop once (`wake_all`), not once per request.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterable, Iterator
 
 from .request import RequestOutput, StreamChunk
 
@@ -31,17 +32,15 @@ class RequestHandle:
         return self.output is not None
 
     # ---------------------------------------------------------- engine side
-    def push(self, chunk: StreamChunk, output: RequestOutput | None = None) -> None:
+    def push(self, chunk: StreamChunk, output: RequestOutput | None = None, *, wake: bool = True) -> None:
+        """Queue a chunk; `wake=False` leaves waking an asyncio consumer to `wake_all`."""
         with self._cond:
             self._chunks.append(chunk)
             if output is not None:
                 self.output = output
             self._cond.notify_all()
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._wakeup.set)
-            except RuntimeError:
-                pass  # the consumer's loop is closed: nobody is listening any more
+        if wake:
+            wake_all([self])
         if output is not None and self._on_done is not None:
             self._on_done(self)
 
@@ -89,3 +88,22 @@ class RequestHandle:
                 raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
         assert self.output is not None
         return self.output
+
+
+def wake_all(handles: Iterable[RequestHandle]) -> None:
+    """Wake the asyncio consumers of many handles: one call into each event loop (a call
+    from another thread writes to the loop's wake-up pipe: a system call each)."""
+    events: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for handle in handles:
+        if handle._loop is not None and handle._wakeup is not None:
+            events.setdefault(handle._loop, []).append(handle._wakeup)
+    for loop, wakeups in events.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, wakeups)
+        except RuntimeError:
+            pass  # the consumer's loop is closed: nobody is listening any more
+
+
+def _set_all(wakeups: list[asyncio.Event]) -> None:
+    for event in wakeups:
+        event.set()
