@@ -29,12 +29,13 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-import numpy as np  # noqa: F401 - annotations
 import torch
 
 from .models import AttentionContext
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .runner import ModelRunner, StepInputs
     from .scheduler import Batch
 
@@ -76,7 +77,6 @@ class _StepGraphs:
         self.static = torch.zeros(numel, dtype=torch.int64, device=runner.device)
         self.keys = keys  # one graph each, captured in this order (largest first)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.memory_bytes = 0
         self.replays: Counter[tuple[int, int]] = Counter()
 
@@ -106,7 +106,7 @@ class _StepGraphs:
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.logits[key] = self._forward(key)
+                self._forward(key)  # its logits land in self.out
             pool = graph.pool()
             self.graphs[key] = graph
         torch.cuda.synchronize(device)
@@ -124,7 +124,7 @@ class _StepGraphs:
     def _run(self, key: tuple[int, int], rows: int) -> torch.Tensor:
         self.graphs[key].replay()
         self.replays[key] += 1
-        return self.logits[key][:rows]
+        return self.out[:rows]
 
 
 class DecodeGraphs(_StepGraphs):
@@ -206,7 +206,7 @@ class MixedGraphs(_StepGraphs):
         self.offsets = {"cu": 4 * tm, "seq_lens": 4 * tm + p + 1, "logits_idx": 4 * tm + 2 * p + 1,
                         "tables": 4 * tm + 3 * p + 1}
         super().__init__(runner, self.offsets["tables"] + p * runner.max_blocks,
-                         [(tm, 0) for tm in reversed(self.sizes)], p)
+                         [(size, 0) for size in reversed(self.sizes)], p)
         self._views(tm, ("ids", "positions", "slot_mapping", "carry"))
         o = self.offsets
         self.cu, self.seq_lens = self.static[o["cu"] : o["seq_lens"]], self.static[o["seq_lens"] : o["logits_idx"]]

@@ -116,29 +116,26 @@ class ModelRunner:
             self.d2h_stream = torch.cuda.Stream(device)
         self.graphs = DecodeGraphs(self, max_batch) if (self.cuda and cuda_graphs) else None
         self.mixed_graphs = MixedGraphs(self, max_batch, token_budget) if (self.cuda and cuda_graphs) else None
+        self.graph_families = [g for g in (self.graphs, self.mixed_graphs) if g is not None]  # tried in this order
         self._slots = [self._new_slot(max_tokens, max_seqs) for _ in range(2)]
         self._next_slot = 0
 
     def _new_slot(self, max_tokens: int, max_seqs: int) -> _HostSlot:
-        graph_numel = max((g.numel for g in (self.graphs, self.mixed_graphs) if g is not None), default=0)
+        graph_numel = max((g.numel for g in self.graph_families), default=0)
         return _HostSlot(max_tokens, max_seqs, self.max_blocks, self.cuda, graph_numel, self.device)
 
     def capture_graphs(self) -> None:
         """Capture the decode and the mixed-step graphs (warm-up time; one shared memory pool)."""
         pool = None
-        for graphs in (self.graphs, self.mixed_graphs):
-            if graphs is not None:
-                pool = graphs.capture(pool)
+        for graphs in self.graph_families:
+            pool = graphs.capture(pool)
 
     @property
     def graph_memory_bytes(self) -> int:
-        return sum(g.memory_bytes for g in (self.graphs, self.mixed_graphs) if g is not None)
+        return sum(g.memory_bytes for g in self.graph_families)
 
     def _graphs_for(self, batch: Batch, T: int, B: int, S: int) -> DecodeGraphs | MixedGraphs | None:
-        for graphs in (self.graphs, self.mixed_graphs):
-            if graphs is not None and graphs.can_run(batch, T, B, S):
-                return graphs
-        return None
+        return next((g for g in self.graph_families if g.can_run(batch, T, B, S)), None)
 
     @property
     def kernels_name(self) -> str:
