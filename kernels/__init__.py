@@ -19,6 +19,8 @@ Backend = Literal["auto", "torch", "triton"]
 
 class Kernels(NamedTuple):
     name: str
+    linear: Callable
+    gate_up_silu: Callable
     rms_norm: Callable
     rope: Callable
     silu_and_mul: Callable
@@ -26,8 +28,8 @@ class Kernels(NamedTuple):
     paged_attention: Callable
 
 
-TORCH = Kernels("torch", reference.rms_norm, reference.rope, reference.silu_and_mul,
-                reference.store_kv, reference.paged_attention)
+TORCH = Kernels("torch", reference.linear, reference.gate_up_silu, reference.rms_norm, reference.rope,
+                reference.silu_and_mul, reference.store_kv, reference.paged_attention)
 
 
 def triton_available(device: torch.device | str) -> bool:

@@ -10,7 +10,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"]
+__all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b. A weight packed for oneDNN (`is_mkldnn`, CPU) goes through oneDNN's GEMM."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if bias is None:
+        return torch.matmul(x, weight.t(), out=out)
+    return F.linear(x, weight, bias) if out is None else out.copy_(F.linear(x, weight, bias))
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU(x W_gate^T) * (x W_up^T) for the stacked weight [W_gate; W_up]: the MLP's first half."""
+    return silu_and_mul(linear(x, weight))
 
 
 def rms_norm(

@@ -14,10 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import Kernels
+from . import Kernels, reference
 from .triton_attention import paged_attention
+from .triton_gemm import fits, skinny_linear
 
-__all__ = ["KERNELS", "rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"]
+__all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"]
 
 
 def _pow2(n: int) -> int:
@@ -229,4 +230,22 @@ def store_kv(
     )
 
 
-KERNELS = Kernels("triton", rms_norm, rope, silu_and_mul, store_kv, paged_attention)
+# --------------------------------------------------------------------------- GEMMs
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b: the weight-streaming kernel (triton_gemm) for up to 64 rows on a GPU, else cuBLAS."""
+    if bias is None and x.is_cuda and fits(x, weight):
+        return skinny_linear(x, weight, out=out)
+    return reference.linear(x, weight, bias, out)
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up in the GEMM's epilogue for up to 64 rows on a GPU, else GEMM + silu_and_mul."""
+    if x.is_cuda and fits(x, weight, gate_up=True):
+        return skinny_linear(x, weight, gate_up=True)
+    return silu_and_mul(reference.linear(x, weight))
+
+
+KERNELS = Kernels("triton", linear, gate_up_silu, rms_norm, rope, silu_and_mul, store_kv, paged_attention)

@@ -37,15 +37,17 @@ from workbench.kernels import reference  # noqa: E402
 def _load_triton_modules():
     """Import the Triton modules in the mode this process runs them in (see above)."""
     attention = importlib.import_module("workbench.kernels.triton_attention")
+    gemm = importlib.import_module("workbench.kernels.triton_gemm")
     ops = importlib.import_module("workbench.kernels.triton_ops")
     interpreted = type(attention._attention_kernel).__name__ == "InterpretedFunction"
     if not HAS_CUDA and not interpreted:  # imported earlier without the interpreter
         attention = importlib.reload(attention)
+        gemm = importlib.reload(gemm)
         ops = importlib.reload(ops)
-    return attention, ops
+    return attention, gemm, ops
 
 
-triton_attention, triton_ops = _load_triton_modules()
+triton_attention, triton_gemm, triton_ops = _load_triton_modules()
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -122,10 +124,55 @@ def test_select_cuda_gives_triton():
 def test_kernel_table_matches_reference_signatures():
     import inspect
 
-    for name in ("rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"):
+    for name in ("linear", "gate_up_silu", "rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"):
         ours = inspect.signature(getattr(triton_ops.KERNELS, name))
         theirs = inspect.signature(getattr(reference, name))
         assert list(ours.parameters) == list(theirs.parameters), name
+
+
+# --------------------------------------------------------------------------- GEMMs
+# The weight-streaming GEMM. The interpreter's bf16 dot is not faithful, so on the CPU it runs
+# in fp32 with small tiles; on the GPU the real layer shapes in bf16, through the kernel table.
+
+SMALL_GEMMS = [(1, 64, 128), (3, 128, 64), (33, 64, 256), (64, 64, 128)]  # rows, N, K
+LAYER_GEMMS = [(32, 6144, 4096), (32, 4096, 14336), (64, 960, 576), (64, 576, 1536), (7, 49152, 576)]
+
+
+def _check_gemm(rows: int, n: int, k: int, dtype, gen, seed, **tiles) -> None:
+    x, w = randn((rows, k), dtype, gen), randn((n, k), dtype, gen)
+    assert triton_gemm.fits(x, w, **tiles) and triton_gemm.fits(x, w, gate_up=True, **tiles)
+    ref = x.double() @ w.double().t()
+    assert_close(triton_gemm.skinny_linear(x, w, **tiles), ref, dtype, seed)
+    gate, up = ref.chunk(2, dim=-1)
+    fused = triton_gemm.skinny_linear(x, w, gate_up=True, **tiles)
+    # the kernel rounds gate and up to the dtype before the activation, like GEMM + silu_and_mul
+    assert_close(fused, torch.nn.functional.silu(gate.to(dtype).double()) * up.to(dtype).double(), dtype, seed)
+
+
+@pytest.mark.parametrize("rows,n,k", SMALL_GEMMS)
+def test_skinny_gemm(rows, n, k, gen, seed):
+    _check_gemm(rows, n, k, torch.float32, gen, seed, **({} if HAS_CUDA else {"block_n": 16, "block_k": 32}))
+
+
+def test_skinny_gemm_declines_what_it_cannot_take(gen):
+    w = randn((64, 128), torch.float32, gen)
+    assert not triton_gemm.fits(randn((65, 128), torch.float32, gen), w)  # more than 64 rows
+    assert not triton_gemm.fits(randn((4, 100), torch.float32, gen), randn((64, 100), torch.float32, gen))
+    assert not triton_gemm.fits(randn((4, 256), torch.float32, gen)[:, ::2], w)  # strided K
+    x = randn((4, 128), torch.float32, gen)
+    torch.testing.assert_close(triton_ops.linear(x, w, randn((64,), torch.float32, gen) * 0),
+                               x @ w.t())  # a bias, or a CPU tensor: the reference path
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,n,k", LAYER_GEMMS)
+def test_skinny_gemm_layer_shapes(rows, n, k, dtype, gen, seed):
+    x, w = randn((rows, k), dtype, gen), randn((n, k), dtype, gen)
+    assert triton_gemm.fits(x, w)
+    assert_close(triton_ops.linear(x, w), x.double() @ w.double().t(), dtype, seed)
+    assert_close(triton_ops.gate_up_silu(x, w), reference.gate_up_silu(x.double(), w.double()), dtype, seed)
 
 
 # --------------------------------------------------------------------------- RMSNorm

@@ -5,10 +5,21 @@
     out = await engine.generate([{"role": "user", "content": "Hi!"}], max_new_tokens=32)
 """
 
-from .config import EngineConfig
-from .engine import Engine, QueueFullError
-from .loading import LoadedModel, load
-from .request import RequestOutput, SamplingParams, StreamChunk
+import os
+import sys
+
+if "torch" not in sys.modules:
+    # The notebook's (or script's) thread and the engine's loop thread each get an OpenMP worker
+    # team, so the process holds more OpenMP threads than cores, and libgomp then cuts its spin-wait
+    # from 300,000 to 100 spins: workers fall asleep between the GEMMs of a step and every GEMM pays
+    # a wake-up (CPU steps ~30 % slower, bench/NOTES.md). Ask for libgomp's usual spin unless the
+    # user chose one; libgomp reads it once, when torch loads it, hence before the first torch import.
+    os.environ.setdefault("GOMP_SPINCOUNT", "300000")
+
+from .config import EngineConfig  # noqa: E402
+from .engine import Engine, QueueFullError  # noqa: E402
+from .loading import LoadedModel, load  # noqa: E402
+from .request import RequestOutput, SamplingParams, StreamChunk  # noqa: E402
 
 __all__ = ["Dashboard", "Engine", "EngineConfig", "LoadedModel", "QueueFullError", "RequestOutput",
            "SamplingParams", "StreamChunk", "load", "start"]

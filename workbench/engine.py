@@ -63,8 +63,7 @@ class Engine:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = DTYPES[config.dtype] if config.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.loaded: LoadedModel = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device)
-        self.loaded.model.to(device=device, dtype=dtype)
-        self.loaded.model.cos_sin = self.loaded.model.cos_sin.float()
+        self.loaded.model.place(device, dtype)  # before sizing the KV cache from free memory
         self.tokenizer = self.loaded.tokenizer
         self.decode_windows = window_decoder(self.tokenizer)  # the detokenizers' one call per step
         self.device, self.dtype = device, dtype

@@ -98,8 +98,7 @@ class ModelRunner:
                  max_batch: int = 256, token_budget: int = 8192, cuda_graphs: bool = True) -> None:
         self.model = loaded.model
         self.model.kernels = select(device, kernel_backend)
-        if device.type == "cpu":
-            self.model.use_cpu_layout()
+        self.model.place(device, dtype)  # idempotent: the engine has usually placed it already
         self.device, self.dtype, self.block_size = device, dtype, block_size
         cfg = loaded.config
         shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..kernels import TORCH, Kernels
 from .config import ModelConfig
+from .packed_linear import PackedLinear, packing_available
 
 
 @dataclass(slots=True)
@@ -53,7 +54,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 ctx: AttentionContext, layer: int, kernels: Kernels) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
@@ -70,7 +72,7 @@ class Attention(nn.Module):
             q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
             self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k,
         )
-        return self.o_proj(o.reshape(T, self.q_size))
+        return kernels.linear(o.reshape(T, self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -80,7 +82,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return kernels.linear(kernels.gate_up_silu(x, self.gate_up_proj.weight), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -103,6 +105,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.packed_head: PackedLinear | None = None  # set by `place` on a CPU
         self.register_buffer("cos_sin", self._rope_table(cfg.max_position_embeddings), persistent=False)
 
     def _rope_table(self, max_len: int) -> torch.Tensor:
@@ -130,20 +133,61 @@ class DecoderModel(nn.Module):
         return k.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed_head is not None and out is None and hidden.shape[0] > 1:
+            return self.packed_head(hidden)  # several rows: oneDNN's packed copy streams faster
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t(), out=out)
+        return self.kernels.linear(hidden, weight, out=out)
 
-    def use_cpu_layout(self) -> None:
-        """Store the wide matrices column-major: MKL's skinny GEMMs read them ~10-50% faster.
+    # ------------------------------------------------------------- placement
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move to the serving device and dtype, with the weights laid out for its GEMMs.
 
-        Measured on the 2-core CI machine (bench/NOTES.md): the LM head 22 -> 10 ms per
-        decode step at batch 8; qkv, o and gate_up ~10%; down_proj is slower that way,
-        so it stays row-major. Values are unchanged, only the memory order.
+        On a CPU in fp32 the linear layers are packed for oneDNN (`packed_linear.py`) where
+        torch has it; other CPU set-ups store the wide matrices column-major. Values never
+        change, only their memory order, and placing again elsewhere undoes the packing.
         """
-        wide = [self.embed_tokens] + ([self.lm_head] if self.lm_head is not None else [])
-        for layer in self.layers:
-            wide += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj]
-        for module in wide:
+        cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+        if not cpu_fp32:
+            self._unpack()
+        self.to(device=device, dtype=dtype)
+        self.cos_sin = self.cos_sin.float()
+        if cpu_fp32 and packing_available():
+            self._pack()
+        elif device.type == "cpu":
+            self._column_major(self._heads() + [getattr(owner, name) for owner, name in self._linear_slots()
+                                                if name != "down_proj"])
+
+    def _linear_slots(self) -> list[tuple[nn.Module, str]]:
+        return [(owner, name) for layer in self.layers
+                for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                    (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj"))]
+
+    def _heads(self) -> list[nn.Module]:
+        return [self.embed_tokens] + ([self.lm_head] if self.lm_head is not None else [])
+
+    def _pack(self) -> None:
+        for owner, name in self._linear_slots():
+            if isinstance(getattr(owner, name), nn.Linear):
+                setattr(owner, name, PackedLinear.of(getattr(owner, name)))
+        if self.packed_head is None:  # a copy: single rows and embedding lookups keep the plain one
+            self.packed_head = PackedLinear(self._heads()[-1].weight)
+        self._column_major(self._heads())
+
+    def _unpack(self) -> None:
+        for owner, name in self._linear_slots():
+            if isinstance(getattr(owner, name), PackedLinear):
+                setattr(owner, name, getattr(owner, name).unpack())
+        self.packed_head = None
+
+    @staticmethod
+    def _column_major(modules: list[nn.Module]) -> None:
+        """Without oneDNN packing, MKL's skinny GEMMs read column-major weights ~10-50% faster.
+
+        Measured on the 2-core CI machine (bench/NOTES.md, CPU entry 2): the LM head 22 -> 10 ms
+        per decode step at batch 8, qkv, o and gate_up ~10%; down_proj is slower that way, so
+        it stays row-major. A single row (the LM head at batch 1) is fastest column-major too.
+        """
+        for module in modules:
             module.weight.data = module.weight.data.t().contiguous().t()
 
     # ------------------------------------------------------------- weights

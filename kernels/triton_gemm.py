@@ -1,0 +1,94 @@
+"""A weight-streaming GEMM for few rows: y = x W^T with x [M, K], M <= 64, W [N, K].
+
+A decode step of a large model multiplies a few dozen rows by each weight matrix once,
+so the GEMM is a pass over the weights and its speed is the share of the memory
+bandwidth it reaches. cuBLAS reaches 68-75 % of copy speed on the Llama-3-8B
+attention projections at 32 rows (bench/results/gemm_probe_h100_2026-11-23.txt):
+its tiles leave SMs idle or too few bytes in flight. Here each program owns a thin
+slice of W's rows (BLOCK_N) and walks all of K with a software pipeline, so there
+are enough programs to fill every SM and each keeps several tiles in flight.
+The whole x (padded to BLOCK_M rows) rides along; it is tiny next to W.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr, w_ptr, out_ptr,
+    M, stride_xm, stride_wn, stride_om,
+    K: tl.constexpr,  # a model has two or three K values; a constant trip count pipelines best
+    UP_OFFSET: tl.constexpr,  # GATE_UP: rows of W between a gate row and its up row
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATE_UP: tl.constexpr,
+):
+    """out[:, cols] = x W[cols]^T, or with GATE_UP silu(x W[cols]^T) * (x W[cols + UP_OFFSET]^T)."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+    row_ok = rows[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K // BLOCK_K):  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks on W
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        acc = tl.dot(x, tl.trans(tl.load(w_ptrs)), acc)
+        if GATE_UP:
+            acc_up = tl.dot(x, tl.trans(tl.load(w_ptrs + UP_OFFSET * stride_wn)), acc_up)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    dtype = out_ptr.dtype.element_ty
+    if GATE_UP:
+        # round gate and up to the output dtype first, as the unfused GEMM + silu_and_mul do
+        gate = acc.to(dtype).to(tl.float32)
+        acc = gate / (1.0 + tl.exp(-gate)) * acc_up.to(dtype).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_ok)
+
+
+def config_for(n: int, k: int) -> dict[str, int]:
+    """Tiles measured best on the H100 (bench/results/skinny_gemm_sweep_h100_2026-11-23.txt):
+    long rows (Llama-3-8B, K >= 2048) want 256-wide K steps and few warps; short ones
+    (SmolLM2) 64-wide steps and a deep pipeline."""
+    if k >= 2048:
+        return dict(block_n=32, block_k=256, num_stages=4, num_warps=2)
+    if k >= 1024:
+        return dict(block_n=16, block_k=128, num_stages=6, num_warps=4)
+    return dict(block_n=32, block_k=64, num_stages=6, num_warps=4)
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
+         gate_up: bool = False) -> bool:
+    """Shapes this kernel takes: at most 64 rows, N and K multiples of the tiles, K contiguous."""
+    if x.dim() != 2 or weight.dim() != 2:
+        return False
+    M, K = x.shape
+    N = weight.shape[0] // (2 if gate_up else 1)
+    cfg = config_for(N, K)
+    block_n, block_k = block_n or cfg["block_n"], block_k or cfg["block_k"]
+    return (1 <= M <= 64 and N % block_n == 0 and K % block_k == 0 and weight.shape[1] == K
+            and x.stride(1) == 1 and weight.stride(1) == 1 and x.dtype == weight.dtype)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None,
+                  gate_up: bool = False, **config: int) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T -> [M, N] in x's dtype, fp32 accumulation (check `fits` first).
+
+    With `gate_up`, weight is [gate; up] stacked ([2N, K]) and the result is silu(gate) * up
+    ([M, N]): the MLP's activation rides in the GEMM's epilogue instead of a kernel of its own.
+    """
+    M, K = x.shape
+    N = weight.shape[0] // (2 if gate_up else 1)
+    cfg = {**config_for(N, K), **config}
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    _skinny_gemm_kernel[(N // cfg["block_n"],)](
+        x, weight, out, M, x.stride(0), weight.stride(0), out.stride(0), K=K, UP_OFFSET=N,
+        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        GATE_UP=gate_up, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+    )
+    return out
