@@ -42,6 +42,8 @@ def rms_norm(
     if residual is not None:
         x = x + residual
         residual = x
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual  # one fused op (the CPU path)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype), residual
@@ -57,10 +59,12 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
     cs = cos_sin.index_select(0, positions.long())[:, None, :]
     cos, sin = cs[..., :half], cs[..., half:]
     for t in (q, k):
-        x1, x2 = t[..., :half].float(), t[..., half:].float()  # views when t is fp32: compute both first
-        first, second = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        t[..., :half] = first
-        t[..., half:] = second
+        x1, x2 = t[..., :half], t[..., half:]
+        f1, f2 = x1.float(), x2.float()  # the same storage when t is fp32: compute both halves first
+        first = torch.addcmul(f1 * cos, f2, sin, value=-1)  # fewer ops: on a CPU each costs ~5 us
+        second = torch.addcmul(f2 * cos, f1, sin)
+        x1.copy_(first)
+        x2.copy_(second)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -80,10 +84,13 @@ def store_kv(
 
     k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]; slot = block * block_size + offset.
     """
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    slots = slot_mapping.long()
+    k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    if slots.numel() and bool((slots < 0).any()):  # padding tokens: keep the rest
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def paged_attention(

@@ -25,6 +25,7 @@ def _skinny_gemm_kernel(
     UP_OFFSET: tl.constexpr,  # GATE_UP: rows of W between a gate row and its up row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATE_UP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32: tl.dot would round fp32 inputs to tf32
 ):
     """out[:, cols] = x W[cols]^T, or with GATE_UP silu(x W[cols]^T) * (x W[cols + UP_OFFSET]^T)."""
     pid = tl.program_id(0)
@@ -38,9 +39,10 @@ def _skinny_gemm_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K // BLOCK_K):  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks on W
         x = tl.load(x_ptrs, mask=row_ok, other=0.0)
-        acc = tl.dot(x, tl.trans(tl.load(w_ptrs)), acc)
+        acc = tl.dot(x, tl.trans(tl.load(w_ptrs)), acc, input_precision=DOT_PRECISION)
         if GATE_UP:
-            acc_up = tl.dot(x, tl.trans(tl.load(w_ptrs + UP_OFFSET * stride_wn)), acc_up)
+            acc_up = tl.dot(x, tl.trans(tl.load(w_ptrs + UP_OFFSET * stride_wn)), acc_up,
+                            input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     dtype = out_ptr.dtype.element_ty
@@ -89,6 +91,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | 
     _skinny_gemm_kernel[(N // cfg["block_n"],)](
         x, weight, out, M, x.stride(0), weight.stride(0), out.stride(0), K=K, UP_OFFSET=N,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        GATE_UP=gate_up, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        GATE_UP=gate_up, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
     )
     return out
