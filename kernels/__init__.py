@@ -23,13 +23,14 @@ class Kernels(NamedTuple):
     gate_up_silu: Callable
     rms_norm: Callable
     rope: Callable
+    rope_store_kv: Callable
     silu_and_mul: Callable
     store_kv: Callable
     paged_attention: Callable
 
 
 TORCH = Kernels("torch", reference.linear, reference.gate_up_silu, reference.rms_norm, reference.rope,
-                reference.silu_and_mul, reference.store_kv, reference.paged_attention)
+                reference.rope_store_kv, reference.silu_and_mul, reference.store_kv, reference.paged_attention)
 
 
 def triton_available(device: torch.device | str) -> bool:

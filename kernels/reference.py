@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"]
+__all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv", "paged_attention"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -65,6 +65,15 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
         second = torch.addcmul(f2 * cos, f1, sin)
         x1.copy_(first)
         x2.copy_(second)
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """`rope` on q and k in place, then `store_kv` of the rotated k and v: what attention needs
+    before it runs, as one operation so a GPU can do it in one kernel."""
+    rope(q, k, positions, cos_sin)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

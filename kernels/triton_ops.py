@@ -18,7 +18,7 @@ from . import Kernels, reference
 from .triton_attention import paged_attention
 from .triton_gemm import fits, skinny_linear
 
-__all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"]
+__all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv", "paged_attention"]
 
 
 def _pow2(n: int) -> int:
@@ -146,6 +146,67 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
     )
 
 
+@triton.jit
+def _rope_store_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
+    K_HEADS: tl.constexpr, K_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """`_rope_kernel` and `_store_kv_kernel` in one pass: the rotated K goes to its cache slot
+    from registers, V is copied alongside (one launch per layer fewer)."""
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cols = tl.arange(0, HALF_PAD)
+    row = cos_sin_ptr + pos * stride_cs + cols
+    cos = tl.load(row, mask=cols < HALF, other=0.0)[None, :]
+    sin = tl.load(row + HALF, mask=cols < HALF, other=0.0)[None, :]
+    _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
+    heads = tl.arange(0, K_HEADS_PAD)[:, None]
+    mask = (heads < K_HEADS) & (cols[None, :] < HALF)
+    k_lo = k_ptr + token * stride_kt + heads * stride_kh + cols[None, :]
+    x1 = tl.load(k_lo, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(k_lo + HALF, mask=mask, other=0.0).to(tl.float32)
+    r1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
+    r2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
+    tl.store(k_lo, r1, mask=mask)
+    tl.store(k_lo + HALF, r2, mask=mask)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:  # else a padding token: nothing to keep
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + cols[None, :]
+        v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + cols[None, :]
+        v_lo = v_ptr + token * stride_vt + heads * stride_vh + cols[None, :]
+        tl.store(k_dst, r1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_dst + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_dst, tl.load(v_lo, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_dst + HALF, tl.load(v_lo + HALF, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """`rope` then `store_kv`, fused (see reference.rope_store_kv)."""
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos_sin, k_cache, v_cache)):
+        raise ValueError("rope_store_kv needs the head dim contiguous in q, k, v, cos_sin and both caches")
+    tokens, q_heads, dim = q.shape
+    k_heads, half = k.shape[1], dim // 2
+    if tokens == 0:
+        return
+    _rope_store_kernel[(tokens,)](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        Q_HEADS=q_heads, Q_HEADS_PAD=_pow2(q_heads), K_HEADS=k_heads, K_HEADS_PAD=_pow2(k_heads),
+        HALF=half, HALF_PAD=_pow2(half), BLOCK_SIZE=k_cache.shape[1],
+        num_warps=_warps_for(_pow2(q_heads) * _pow2(half) * 2),
+    )
+
+
 # --------------------------------------------------------------------------- SiLU * mul
 
 
@@ -248,4 +309,4 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return silu_and_mul(reference.linear(x, weight))
 
 
-KERNELS = Kernels("triton", linear, gate_up_silu, rms_norm, rope, silu_and_mul, store_kv, paged_attention)
+KERNELS = Kernels("triton", linear, gate_up_silu, rms_norm, rope, rope_store_kv, silu_and_mul, store_kv, paged_attention)

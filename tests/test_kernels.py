@@ -124,7 +124,7 @@ def test_select_cuda_gives_triton():
 def test_kernel_table_matches_reference_signatures():
     import inspect
 
-    for name in ("linear", "gate_up_silu", "rms_norm", "rope", "silu_and_mul", "store_kv", "paged_attention"):
+    for name in kernels.Kernels._fields[1:]:
         ours = inspect.signature(getattr(triton_ops.KERNELS, name))
         theirs = inspect.signature(getattr(reference, name))
         assert list(ours.parameters) == list(theirs.parameters), name
@@ -312,6 +312,58 @@ def test_store_kv(heads, dim, block_size, dtype, gen):
 @pytest.mark.parametrize("block_size", [1, 16, 64, 256])
 def test_store_kv_full(block_size, dtype, gen):
     _check_store_kv(4096, 8, 128, block_size, dtype, gen)
+
+
+# --------------------------------------------------------------------------- RoPE + KV store, fused
+
+
+def _check_rope_store_kv(tokens: int, q_heads: int, k_heads: int, dim: int, block_size: int, dtype, gen,
+                         seed) -> None:
+    """The fused kernel against the two Triton kernels it replaces (same rounding, so bitwise
+    on the GPU) and against the reference in float64."""
+    max_pos, num_blocks = 4096, 2 * tokens // block_size + 2
+    qkv = randn((tokens, (q_heads + 2 * k_heads) * dim), dtype, gen)
+    angles = torch.arange(max_pos, device=DEVICE).float()[:, None] / (
+        10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))[None, :]
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen, device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device=DEVICE)[:tokens]
+    slots[torch.rand(tokens, generator=gen, device=DEVICE) < 0.25] = -1
+
+    def run(fused: bool, t: torch.Tensor, ops) -> list[torch.Tensor]:
+        q = t[:, : q_heads * dim].view(tokens, q_heads, dim)
+        k = t[:, q_heads * dim : (q_heads + k_heads) * dim].view(tokens, k_heads, dim)
+        v = t[:, (q_heads + k_heads) * dim :].view(tokens, k_heads, dim)
+        caches = [torch.full((num_blocks, block_size, k_heads, dim), float("nan"), dtype=t.dtype, device=DEVICE)
+                  for _ in range(2)]
+        if fused:
+            ops.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots)
+        else:
+            ops.rope(q, k, positions, cos_sin)
+            ops.store_kv(k, v, *caches, slots)
+        return [t, *caches]
+
+    fused, split = run(True, qkv.clone(), triton_ops), run(False, qkv.clone(), triton_ops)
+    ref = run(True, qkv.double(), reference)
+    for a, b, r in zip(fused, split, ref):
+        assert torch.equal(a.isnan(), r.isnan()), f"wrote a skipped slot or missed one (seed {seed})"
+        assert_close(a.nan_to_num(0.0), r.nan_to_num(0.0), dtype, seed)
+        if HAS_CUDA:
+            assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), f"fused != rope + store_kv (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_heads,k_heads,dim,block_size", [(4, 2, 64, 16), (9, 3, 96, 7), (2, 2, 128, 1)])
+def test_rope_store_kv(q_heads, k_heads, dim, block_size, dtype, gen, seed):
+    _check_rope_store_kv(13, q_heads, k_heads, dim, block_size, dtype, gen, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_heads,k_heads,dim", [(32, 8, 128), (9, 3, 64)])
+def test_rope_store_kv_full(q_heads, k_heads, dim, dtype, gen, seed):
+    _check_rope_store_kv(2048, q_heads, k_heads, dim, 16, dtype, gen, seed)
 
 
 # --------------------------------------------------------------------------- paged attention

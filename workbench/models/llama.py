@@ -63,11 +63,10 @@ class Attention(nn.Module):
             q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]
             k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
         # q and k stay strided views into the qkv output (head dim contiguous): RoPE rotates
-        # them in place there and the KV store and attention read them with their strides,
-        # which saves two copies per layer.
-        kernels.rope(q, k, positions, cos_sin)
+        # them in place there, the same kernel stores k and v to the cache, and attention reads
+        # q with its strides, which saves two copies per layer.
         k_cache, v_cache = ctx.kv_caches[layer]
-        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        kernels.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, ctx.slot_mapping)
         o = kernels.paged_attention(
             q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
             self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k,
