@@ -294,17 +294,21 @@ def store_kv(
 # --------------------------------------------------------------------------- GEMMs
 
 
+_STREAMED = (torch.bfloat16, torch.float16)  # fp32 has no tensor-core dot: cuBLAS does it better
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b: the weight-streaming kernel (triton_gemm) for up to 64 rows on a GPU, else cuBLAS."""
-    if bias is None and x.is_cuda and fits(x, weight):
+    """x W^T + b: the weight-streaming kernel (triton_gemm) for up to 64 rows of bf16/fp16 on a
+    GPU, else cuBLAS."""
+    if bias is None and x.is_cuda and x.dtype in _STREAMED and fits(x, weight):
         return skinny_linear(x, weight, out=out)
     return reference.linear(x, weight, bias, out)
 
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up in the GEMM's epilogue for up to 64 rows on a GPU, else GEMM + silu_and_mul."""
-    if x.is_cuda and fits(x, weight, gate_up=True):
+    if x.is_cuda and x.dtype in _STREAMED and fits(x, weight, gate_up=True):
         return skinny_linear(x, weight, gate_up=True)
     return silu_and_mul(reference.linear(x, weight))
 
