@@ -1,0 +1,47 @@
+"""Does cutting decode keys into pieces (split-K) pay at a given batch and context?
+
+    python bench/attn_split_probe.py
+
+Times the Triton decode attention with 1, 2 and 4 pieces, each as a CUDA graph of 20 calls
+(launch cost out, L2 warm only within the 20), uniform contexts, bf16, for Llama-3-8B heads
+(32 query / 8 KV, head dim 128) at the batch of workload (c) and at small batches. Reports
+microseconds per call and the share of the measured copy bandwidth the K/V bytes reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernel_bench import AttentionCase  # noqa: E402
+from skinny_gemm_sweep import copy_bandwidth, time_it  # noqa: E402
+
+from kernels import triton_attention  # noqa: E402
+
+
+def main() -> int:
+    gen = torch.Generator("cuda").manual_seed(0)
+    copy = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"copy {copy / 1e9:.0f} GB/s, {sms} SMs")
+    for batch, ctx in [(32, 480), (32, 640), (32, 1024), (32, 2048), (32, 8192), (16, 2048), (8, 8192), (4, 32768)]:
+        case = AttentionCase([1] * batch, [ctx] * batch)
+        args = case.build(gen)
+        heuristic = triton_attention.choose_config(batch, 32, 8, 128, torch.bfloat16, 1, ctx, sms)
+        cells = []
+        for splits in (1, 2, 4, 8):
+            cfg = dataclasses.replace(heuristic, num_splits=splits)
+            t = time_it(lambda c=cfg: triton_attention.paged_attention_with(c, *args[:7]), reps=20)
+            cells.append(f"{splits}: {1e6 * t:6.1f} us {100 * case.bytes() / t / copy:5.1f}%")
+        print(f"batch {batch:3d} ctx {ctx:6d} (heuristic {heuristic.num_splits}): " + " | ".join(cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
