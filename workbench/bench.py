@@ -1,7 +1,9 @@
 """`workbench bench`: our engine against transformers on the same prompts, in one run.
 
 Peers: transformers `generate` (one padded static batch) and `generate_batch`
-(transformers' own continuous batching). All runs are greedy, ignore EOS so
+(transformers' own continuous batching), both as called by default (its manager
+built and warmed up inside every call) and with a persistent manager (built and
+warmed up once, in the warm-up call, as our engine is). All runs are greedy, ignore EOS so
 every system produces exactly the same number of tokens, and are timed after
 a warm-up. Results go to stdout and to `bench/results/` as Markdown + JSON.
 """
