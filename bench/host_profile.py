@@ -129,6 +129,7 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--sort", default="tottime", help="pstats order: tottime or cumulative")
     p.add_argument("--freeze-gc", choices=("auto", "on", "off"), default="auto", help="EngineConfig.freeze_gc")
     p.add_argument("--passes-only", action="store_true", help="skip cProfile and the kernel table")
     p.add_argument("--threaded", action="store_true", help="run the engine's own loop thread (as the benchmark does)")
@@ -181,7 +182,7 @@ def main() -> int:
     prof.enable()
     run(engine, prompts, args.new)
     prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(prof).sort_stats(args.sort).print_stats(args.top)
     if args.device == "cuda":
         import torch
         from torch.profiler import ProfilerActivity, profile
