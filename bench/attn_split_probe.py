@@ -1,6 +1,7 @@
 """Does cutting decode keys into pieces (split-K) pay at a given batch and context?
 
-    python bench/attn_split_probe.py
+    python bench/attn_split_probe.py            # split-K: 1, 2, 4, 8 pieces
+    python bench/attn_split_probe.py --tiles    # tile / pipeline / warps at the short contexts
 
 Times the Triton decode attention with 1, 2 and 4 pieces, each as a CUDA graph of 20 calls
 (launch cost out, L2 warm only within the 20), uniform contexts, bf16, for Llama-3-8B heads
@@ -25,11 +26,41 @@ from skinny_gemm_sweep import copy_bandwidth, time_it  # noqa: E402
 from kernels import triton_attention  # noqa: E402
 
 
+def tiles(gen: torch.Generator, copy: float, sms: int) -> None:
+    """Unsplit decode at the contexts the short-context graphs see: which tiles stream best."""
+    import itertools
+
+    cases = [("c", dict(num_q_heads=32, num_kv_heads=8, head_dim=128), 32, (256, 480)),
+             ("a", dict(num_q_heads=9, num_kv_heads=3, head_dim=64), 64, (192,))]
+    for label, heads, batch, contexts in cases:
+        for ctx in contexts:
+            case = AttentionCase([1] * batch, [ctx] * batch, **heads)
+            args = case.build(gen)
+            base = triton_attention.choose_config(batch, heads["num_q_heads"], heads["num_kv_heads"],
+                                                  heads["head_dim"], torch.bfloat16, 1, 511, sms)
+            results = []
+            for tile_n, stages, warps in itertools.product((16, 32, 64, 128), (2, 3, 4, 5), (2, 4, 8)):
+                cfg = dataclasses.replace(base, tile_n=tile_n, num_stages=stages, num_warps=warps)
+                try:
+                    t = time_it(lambda c=cfg: triton_attention.paged_attention_with(c, *args[:7]), reps=20)
+                except Exception:  # noqa: BLE001 - out of shared memory: not a candidate
+                    continue
+                results.append((t, tile_n, stages, warps))
+            results.sort()
+            now = next(r for r in results if r[1:] == (base.tile_n, base.num_stages, base.num_warps))
+            best = ", ".join(f"tile {n} stages {s} warps {w}: {1e6 * t:.1f} us" for t, n, s, w in results[:4])
+            print(f"{label}: batch {batch} ctx {ctx}: heuristic (tile {base.tile_n} stages {base.num_stages} "
+                  f"warps {base.num_warps}) {1e6 * now[0]:.1f} us; best {best}", flush=True)
+
+
 def main() -> int:
     gen = torch.Generator("cuda").manual_seed(0)
     copy = copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"copy {copy / 1e9:.0f} GB/s, {sms} SMs")
+    if "--tiles" in sys.argv:
+        tiles(gen, copy, sms)
+        return 0
     for batch, ctx in [(32, 480), (32, 640), (32, 1024), (32, 2048), (32, 8192), (16, 2048), (8, 8192), (4, 32768)]:
         case = AttentionCase([1] * batch, [ctx] * batch)
         args = case.build(gen)

@@ -75,7 +75,11 @@ def choose_config(
     * block_m: one token of the whole head group at least; for prefill up to 64 rows, so a
       chunk reuses each K/V tile across many query tokens.
     * tile_n: K and V tiles of at most 16 KB each, so three pipeline stages fit in shared
-      memory for any head dim up to 256.
+      memory for any head dim up to 256; for decode with head dim >= 128, 128 keys where three
+      stages of both tiles fit in 192 KB (bf16 / fp16 at head dim 128). A program then walks
+      half as many steps: on the H100, batch 32 of Llama-3-8B heads, 14.5 -> 11.6 us at context
+      256 and 31.2 -> 28.1 us at 480 (bench/results/attn_tiles_h100_2026-11-23.txt); at head
+      dim 64 (SmolLM2) 64 keys stayed the best.
     * num_splits: decode batches only (a prefill chunk brings many query tiles of its own).
       When their programs (one per request and KV head) fall short of ~3 per multiprocessor,
       the fewest power-of-two pieces that reach it, each still streaming >= 4 key tiles. Measured on an H100 (bench/NOTES.md):
@@ -87,7 +91,10 @@ def choose_config(
     if max_seqlen_q > 1:
         block_m = max(block_m, min(64, _next_pow2(max_seqlen_q * group)))
 
-    tile_n = max(16, min(64, 16384 // (_next_pow2(head_dim) * dtype.itemsize)))
+    d_pad = _next_pow2(head_dim)
+    tile_n = max(16, min(64, 16384 // (d_pad * dtype.itemsize)))
+    if max_seqlen_q == 1 and d_pad >= 128 and 2 * 3 * 128 * d_pad * dtype.itemsize <= 192 * 1024:
+        tile_n = 128  # decode, Llama-3-8B heads: fewer, longer steps per program (measured below)
 
     num_splits = 1
     programs = num_seqs * num_kv_heads

@@ -511,6 +511,15 @@ def test_choose_config_splits_only_long_small_batches():
     assert prefill.block_m == 64 and prefill.num_splits == 1
 
 
+def test_choose_config_long_key_tiles_only_where_three_stages_fit():
+    tile = lambda *shape: triton_attention.choose_config(*shape).tile_n  # noqa: E731
+    assert tile(32, 32, 8, 128, torch.bfloat16, 1, 511, 132) == 128  # decode, 2 x 3 x 32 KB
+    assert tile(32, 32, 8, 128, torch.float32, 1, 511, 132) == 32  # fp32: 64 KB tiles would not fit
+    assert tile(32, 16, 16, 256, torch.bfloat16, 1, 511, 132) == 32
+    assert tile(64, 9, 3, 64, torch.bfloat16, 1, 511, 132) == 64  # SmolLM2: 64 measured best
+    assert tile(1, 32, 8, 128, torch.bfloat16, 512, 512, 132) == 64  # prefill keeps its q tile room
+
+
 # --------------------------------------------------------------------------- full size (GPU)
 
 FULL_SHAPES = [  # (group, head_dim, block_size)
