@@ -3,8 +3,9 @@
 The model sees one flat ragged batch per step: `input_ids` and `positions` of
 shape [T] for all requests together, no padding. Everything about how those
 tokens map to requests and cache slots travels in `AttentionContext`. Every
-non-matmul operation goes through the `Kernels` table, so the same model runs
-the torch references on a CPU and the Triton kernels on a GPU.
+operation, the linear layers included, goes through the `Kernels` table, so the
+same model runs the torch references on a CPU (with oneDNN-packed weights, see
+`place`) and the Triton kernels on a GPU.
 """
 
 from __future__ import annotations
