@@ -112,6 +112,17 @@ def _rotate_heads(ptr, stride_h, cos, sin,
 
 
 @triton.jit
+def _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """This token's cos and sin rows, [1, HALF_PAD] each, for broadcasting over heads."""
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cols = tl.arange(0, HALF_PAD)
+    row = cos_sin_ptr + pos * stride_cs + cols
+    cos = tl.load(row, mask=cols < HALF, other=0.0)[None, :]
+    sin = tl.load(row + HALF, mask=cols < HALF, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, pos_ptr, cos_sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
@@ -120,11 +131,7 @@ def _rope_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    cols = tl.arange(0, HALF_PAD)
-    row = cos_sin_ptr + pos * stride_cs + cols
-    cos = tl.load(row, mask=cols < HALF, other=0.0)[None, :]
-    sin = tl.load(row + HALF, mask=cols < HALF, other=0.0)[None, :]
+    cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF, HALF_PAD)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
     _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, K_HEADS, K_HEADS_PAD, HALF, HALF_PAD)
 
@@ -158,12 +165,9 @@ def _rope_store_kernel(
     """`_rope_kernel` and `_store_kv_kernel` in one pass: the rotated K goes to its cache slot
     from registers, V is copied alongside (one launch per layer fewer)."""
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    cols = tl.arange(0, HALF_PAD)
-    row = cos_sin_ptr + pos * stride_cs + cols
-    cos = tl.load(row, mask=cols < HALF, other=0.0)[None, :]
-    sin = tl.load(row + HALF, mask=cols < HALF, other=0.0)[None, :]
+    cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF, HALF_PAD)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
+    cols = tl.arange(0, HALF_PAD)
     heads = tl.arange(0, K_HEADS_PAD)[:, None]
     mask = (heads < K_HEADS) & (cols[None, :] < HALF)
     k_lo = k_ptr + token * stride_kt + heads * stride_kh + cols[None, :]
