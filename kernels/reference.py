@@ -14,23 +14,8 @@ __all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
-           eps: float = 0.0, add_to: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b, with the two neighbours a decoder layer puts around its GEMMs.
-
-    `norm_weight`: RMS-normalise x first (`rms_norm` with that weight and `eps`).
-    `add_to`: add the result into this tensor in place (the residual stream) and return it.
-    A weight packed for oneDNN (`is_mkldnn`, CPU) goes through oneDNN's GEMM.
-    """
-    if norm_weight is not None:
-        x = rms_norm(x, norm_weight, eps)[0]
-    if add_to is not None:
-        return add_to.add_(_gemm(x, weight, bias))
-    return _gemm(x, weight, bias, out)
-
-
-def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-          out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b. A weight packed for oneDNN (`is_mkldnn`, CPU) goes through oneDNN's GEMM."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if bias is None:
@@ -38,11 +23,9 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias) if out is None else out.copy_(F.linear(x, weight, bias))
 
 
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
-                 eps: float = 0.0) -> torch.Tensor:
-    """SiLU(x W_gate^T) * (x W_up^T) for the stacked weight [W_gate; W_up]: the MLP's first half,
-    with x RMS-normalised first when `norm_weight` is given (as in `linear`)."""
-    return silu_and_mul(linear(x, weight, norm_weight=norm_weight, eps=eps))
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU(x W_gate^T) * (x W_up^T) for the stacked weight [W_gate; W_up]: the MLP's first half."""
+    return silu_and_mul(linear(x, weight))
 
 
 def rms_norm(

@@ -8,10 +8,7 @@ graphs over cold weights on the H100 (bench/results/skinny_gemm_sweep_h100_2026-
 it matches cuBLAS on the Llama-3-8B projections (0.93-1.00 of its time at 32 rows) and
 beats it by 10-16 % on SmolLM2's small ones at 64 rows. (An earlier probe had cuBLAS at
 68-75 % of copy speed at 32 rows; that was its Python launch cost, not the kernel.) Its
-other uses are the prologue and the epilogue, which take whole kernels off a decode step:
-RMSNorm of x folded into the K walk (`norm_weight`: each program sees every column of x
-anyway, so it sums the squares on the way and scales its outputs at the end), silu(gate) * up
-computed before the store (`gate_up`), and the residual add (`accumulate`: out += x W^T).
+other use is the epilogue: silu(gate) * up computed before the store (`gate_up`).
 """
 
 from __future__ import annotations
@@ -23,21 +20,15 @@ import triton.language as tl
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, norm_w_ptr,
-    M, stride_xm, stride_wn, stride_om, eps,
+    x_ptr, w_ptr, out_ptr,
+    M, stride_xm, stride_wn, stride_om,
     K: tl.constexpr,  # a model has two or three K values; a constant trip count pipelines best
     UP_OFFSET: tl.constexpr,  # GATE_UP: rows of W between a gate row and its up row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATE_UP: tl.constexpr,
-    NORM: tl.constexpr,  # x is RMS-normalised (weight norm_w) on the way in
-    ACCUMULATE: tl.constexpr,  # out += result: the residual add
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32: tl.dot would round fp32 inputs to tf32
 ):
-    """out[:, cols] = x W[cols]^T, or with GATE_UP silu(x W[cols]^T) * (x W[cols + UP_OFFSET]^T).
-
-    NORM: rms(x) is a per-row scalar, so RMSNorm(x) W^T = ((x * norm_w) W^T) / rms(x), and the
-    sum of squares accumulates from the same x tiles the dot reads.
-    """
+    """out[:, cols] = x W[cols]^T, or with GATE_UP silu(x W[cols]^T) * (x W[cols + UP_OFFSET]^T)."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,15 +38,8 @@ def _skinny_gemm_kernel(
     row_ok = rows[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed over K once, at the end
-    norm_w_ptrs = norm_w_ptr + ks
     for _ in range(0, K // BLOCK_K):  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks on W
         x = tl.load(x_ptrs, mask=row_ok, other=0.0)
-        if NORM:
-            xf = x.to(tl.float32)
-            squares += xf * xf
-            x = (xf * tl.load(norm_w_ptrs).to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
-            norm_w_ptrs += BLOCK_K
         acc = tl.dot(x, tl.trans(tl.load(w_ptrs)), acc, input_precision=DOT_PRECISION)
         if GATE_UP:
             acc_up = tl.dot(x, tl.trans(tl.load(w_ptrs + UP_OFFSET * stride_wn)), acc_up,
@@ -63,18 +47,11 @@ def _skinny_gemm_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     dtype = out_ptr.dtype.element_ty
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
-        acc *= rstd
-        acc_up *= rstd
     if GATE_UP:
         # round gate and up to the output dtype first, as the unfused GEMM + silu_and_mul do
         gate = acc.to(dtype).to(tl.float32)
         acc = gate / (1.0 + tl.exp(-gate)) * acc_up.to(dtype).to(tl.float32)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    if ACCUMULATE:  # each program reads and writes only its own columns: safe in place
-        acc += tl.load(out_ptrs, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(dtype), mask=row_ok)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_ok)
 
 
 def config_for(n: int, k: int) -> dict[str, int]:
@@ -102,27 +79,20 @@ def fits(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, bloc
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None,
-                  gate_up: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                  accumulate: bool = False, **config: int) -> torch.Tensor:
+                  gate_up: bool = False, **config: int) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T -> [M, N] in x's dtype, fp32 accumulation (check `fits` first).
 
     With `gate_up`, weight is [gate; up] stacked ([2N, K]) and the result is silu(gate) * up
     ([M, N]): the MLP's activation rides in the GEMM's epilogue instead of a kernel of its own.
-    With `norm_weight`, x is RMS-normalised first (`reference.rms_norm` with that weight and
-    `eps`); with `accumulate`, the result is added into `out` (which must be given).
     """
     M, K = x.shape
     N = weight.shape[0] // (2 if gate_up else 1)
     cfg = {**config_for(N, K), **config}
-    if accumulate and out is None:
-        raise ValueError("skinny_linear: accumulate=True needs out")
     out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
-    norm = norm_weight is not None
     _skinny_gemm_kernel[(N // cfg["block_n"],)](
-        x, weight, out, norm_weight if norm else weight, M, x.stride(0), weight.stride(0), out.stride(0),
-        float(eps), K=K, UP_OFFSET=N,
+        x, weight, out, M, x.stride(0), weight.stride(0), out.stride(0), K=K, UP_OFFSET=N,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        GATE_UP=gate_up, NORM=norm, ACCUMULATE=accumulate, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        GATE_UP=gate_up, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
     )
     return out

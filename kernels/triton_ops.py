@@ -302,30 +302,18 @@ _STREAMED = (torch.bfloat16, torch.float16)  # fp32 has no tensor-core dot: cuBL
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
-           eps: float = 0.0, add_to: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b with optional RMSNorm before and residual add after (see reference): all in the
-    weight-streaming kernel (triton_gemm) for up to 64 rows of bf16/fp16 on a GPU, else the
-    RMSNorm kernel and cuBLAS."""
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b: the weight-streaming kernel (triton_gemm) for up to 64 rows of bf16/fp16 on a
+    GPU, else cuBLAS."""
     if bias is None and x.is_cuda and x.dtype in _STREAMED and fits(x, weight):
-        target = add_to if add_to is not None else out
-        return skinny_linear(x, weight, out=target, norm_weight=norm_weight, eps=eps,
-                             accumulate=add_to is not None)
-    if norm_weight is not None:
-        x = rms_norm(x, norm_weight, eps)[0]
-    if add_to is not None and bias is None and add_to.dtype == x.dtype:
-        return add_to.addmm_(x, weight.t())  # one cuBLAS call with beta = 1
-    return reference.linear(x, weight, bias, out, add_to=add_to)
+        return skinny_linear(x, weight, out=out)
+    return reference.linear(x, weight, bias, out)
 
 
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
-                 eps: float = 0.0) -> torch.Tensor:
-    """SiLU(gate) * up in the GEMM's epilogue (and RMSNorm in its prologue) for up to 64 rows on a
-    GPU, else the RMSNorm kernel, cuBLAS and silu_and_mul."""
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up in the GEMM's epilogue for up to 64 rows on a GPU, else GEMM + silu_and_mul."""
     if x.is_cuda and x.dtype in _STREAMED and fits(x, weight, gate_up=True):
-        return skinny_linear(x, weight, gate_up=True, norm_weight=norm_weight, eps=eps)
-    if norm_weight is not None:
-        x = rms_norm(x, norm_weight, eps)[0]
+        return skinny_linear(x, weight, gate_up=True)
     return silu_and_mul(reference.linear(x, weight))
 
 

@@ -52,11 +52,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, stream: torch.Tensor, norm: RMSNorm, positions: torch.Tensor, cos_sin: torch.Tensor,
-                ctx: AttentionContext, layer: int, kernels: Kernels) -> None:
-        """Add this block's output to the residual `stream` in place; `norm` is the input norm."""
-        T = stream.shape[0]
-        qkv = kernels.linear(stream, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                ctx: AttentionContext, layer: int, kernels: Kernels) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
@@ -73,7 +72,7 @@ class Attention(nn.Module):
             q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
             self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k,
         )
-        kernels.linear(o.reshape(T, self.q_size), self.o_proj.weight, add_to=stream)
+        return kernels.linear(o.reshape(T, self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -82,10 +81,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, stream: torch.Tensor, norm: RMSNorm, kernels: Kernels) -> None:
-        """Add the MLP's output to the residual `stream` in place; `norm` is its input norm."""
-        h = kernels.gate_up_silu(stream, self.gate_up_proj.weight, norm_weight=norm.weight, eps=norm.eps)
-        kernels.linear(h, self.down_proj.weight, add_to=stream)
+    def forward(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        return kernels.linear(kernels.gate_up_silu(x, self.gate_up_proj.weight), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -98,10 +95,7 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding, decoder layers, final norm and LM head.
-
-    `forward` returns the residual stream before the final norm; `compute_logits` applies the
-    norm and the LM head to the rows that are sampled (on a GPU, one kernel for both)."""
+    """Embedding, decoder layers, final norm and LM head; `forward` returns hidden states."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -125,24 +119,24 @@ class DecoderModel(nn.Module):
             self.cos_sin = self._rope_table(max_len).to(self.cos_sin.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Each block reads the residual stream through its RMSNorm and adds its output back in
-        place; the kernels fuse the norm into the GEMM that follows it and the add into the
-        GEMM before it (on a GPU: six kernels a layer instead of eight)."""
         k = self.kernels
-        stream = self.embed_tokens(input_ids)  # a fresh tensor: the layers add into it
+        x = self.embed_tokens(input_ids)
+        residual = None
         for i, layer in enumerate(self.layers):
-            layer.self_attn(stream, layer.input_layernorm, positions, self.cos_sin, ctx, i, k)
-            layer.mlp(stream, layer.post_attention_layernorm, k)
-        return stream
+            h, residual = k.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps, residual)
+            if residual is None:
+                residual = x
+            x = layer.self_attn(h, positions, self.cos_sin, ctx, i, k)
+            h, residual = k.rms_norm(x, layer.post_attention_layernorm.weight,
+                                     layer.post_attention_layernorm.eps, residual)
+            x = layer.mlp(h, k)
+        return k.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Final RMSNorm and LM head of `forward`'s rows (only those that are sampled)."""
-        norm = self.norm
         if self.packed_head is not None and out is None and hidden.shape[0] > 1:
-            # several rows: oneDNN's packed copy streams faster
-            return self.packed_head(self.kernels.rms_norm(hidden, norm.weight, norm.eps)[0])
+            return self.packed_head(hidden)  # several rows: oneDNN's packed copy streams faster
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.kernels.linear(hidden, weight, out=out, norm_weight=norm.weight, eps=norm.eps)
+        return self.kernels.linear(hidden, weight, out=out)
 
     # ------------------------------------------------------------- placement
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
