@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl, release_next, wait_for_previous
+
 __all__ = ["AttentionConfig", "choose_config", "paged_attention", "paged_attention_with"]
 
 LOG2E = 1.4426950408889634
@@ -179,7 +181,9 @@ def _attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1: see the two work-arounds
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -238,6 +242,7 @@ def _attention_kernel(
                 q, q_pos, m, l, acc, t, kv_end, table, k_head, v_head, dims, dim_ok, qk_scale,
                 stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_SIZE, TILE_N, DOT_PRECISION)
 
+    release_next(USE_PDL)
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if NUM_SPLITS == 1:
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
@@ -263,8 +268,10 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Rescale each split's partial sums to the common max and normalise once."""
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -276,6 +283,7 @@ def _merge_splits_kernel(
     part = tl.load(part_ptr + splits[:, None] * stride_ps + token * stride_pt + head * stride_ph
                    + dims[None, :])
     out = tl.sum(part * weight[:, None], 0) / l
+    release_next(USE_PDL)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
              mask=dims < HEAD_DIM)
 
@@ -356,7 +364,7 @@ def paged_attention_with(
         TILE_N=config.tile_n, NUM_SPLITS=splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
         INTERPRETED=interpreted,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl(q.device),
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
@@ -364,6 +372,6 @@ def paged_attention_with(
             out.stride(0), out.stride(1),
             target.stride(0), target.stride(1), target.stride(2),
             m.stride(0), m.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, NUM_SPLITS=splits,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, NUM_SPLITS=splits, **pdl(q.device),
         )
     return out

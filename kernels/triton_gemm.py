@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl, release_next, wait_for_previous
+
 
 @triton.jit
 def _skinny_gemm_kernel(
@@ -27,8 +29,10 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATE_UP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32: tl.dot would round fp32 inputs to tf32
+    USE_PDL: tl.constexpr,
 ):
     """out[:, cols] = x W[cols]^T, or with GATE_UP silu(x W[cols]^T) * (x W[cols + UP_OFFSET]^T)."""
+    wait_for_previous(USE_PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,6 +50,7 @@ def _skinny_gemm_kernel(
                             input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    release_next(USE_PDL)
     dtype = out_ptr.dtype.element_ty
     if GATE_UP:
         # round gate and up to the output dtype first, as the unfused GEMM + silu_and_mul do
@@ -93,6 +98,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | 
         x, weight, out, M, x.stride(0), weight.stride(0), out.stride(0), K=K, UP_OFFSET=N,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
         GATE_UP=gate_up, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"], **pdl(x.device),
     )
     return out

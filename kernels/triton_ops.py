@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import Kernels, reference
+from .launch import pdl, release_next, wait_for_previous
 from .triton_attention import paged_attention
 from .triton_gemm import fits, skinny_linear
 
@@ -40,21 +41,25 @@ def _rms_norm_kernel(
     n_cols, eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # Round the sum to the input dtype, as `x + residual` in torch does: the next layer
         # adds to exactly this stream.
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    release_next(USE_PDL)
+    if HAS_RESIDUAL:
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # reference rounds here too
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -88,7 +93,7 @@ def rms_norm(
             x2.stride(0), res2.stride(0) if res2 is not None else 0,
             out2.stride(0), res_out2.stride(0) if res_out2 is not None else 0,
             hidden, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_warps_for(block),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_warps_for(block), **pdl(x.device),
         )
     return out, res_out
 
@@ -128,10 +133,12 @@ def _rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
     Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
     K_HEADS: tl.constexpr, K_HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF, HALF_PAD)
+    release_next(USE_PDL)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
     _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, K_HEADS, K_HEADS_PAD, HALF, HALF_PAD)
 
@@ -150,6 +157,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
         Q_HEADS=q_heads, Q_HEADS_PAD=_pow2(q_heads), K_HEADS=k_heads, K_HEADS_PAD=_pow2(k_heads),
         HALF=half, HALF_PAD=_pow2(half), num_warps=_warps_for(_pow2(q_heads) * _pow2(half) * 2),
+        **pdl(q.device),
     )
 
 
@@ -160,12 +168,14 @@ def _rope_store_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
     K_HEADS: tl.constexpr, K_HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """`_rope_kernel` and `_store_kv_kernel` in one pass: the rotated K goes to its cache slot
     from registers, V is copied alongside (one launch per layer fewer)."""
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF, HALF_PAD)
+    release_next(USE_PDL)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
     cols = tl.arange(0, HALF_PAD)
     heads = tl.arange(0, K_HEADS_PAD)[:, None]
@@ -207,7 +217,7 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         Q_HEADS=q_heads, Q_HEADS_PAD=_pow2(q_heads), K_HEADS=k_heads, K_HEADS_PAD=_pow2(k_heads),
         HALF=half, HALF_PAD=_pow2(half), BLOCK_SIZE=k_cache.shape[1],
-        num_warps=_warps_for(_pow2(q_heads) * _pow2(half) * 2),
+        num_warps=_warps_for(_pow2(q_heads) * _pow2(half) * 2), **pdl(q.device),
     )
 
 
@@ -215,13 +225,16 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     out = gate / (1.0 + tl.exp(-gate)) * up
+    release_next(USE_PDL)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -237,7 +250,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, _pow2(width))
         _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
             x2, out.view(-1, width), x2.stride(0), width, width, BLOCK=block,
-            num_warps=max(1, block // 256),
+            num_warps=max(1, block // 256), **pdl(x.device),
         )
     return out
 
@@ -254,7 +267,9 @@ def _store_kv_kernel(
     HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:  # padding token: nothing to keep
@@ -266,6 +281,7 @@ def _store_kv_kernel(
     mask = (heads < HEADS) & (dims < HEAD_DIM)
     k = tl.load(k_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
     v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    release_next(USE_PDL)
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -291,7 +307,7 @@ def store_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HEADS=heads, HEADS_PAD=_pow2(heads), HEAD_DIM=dim, HEAD_DIM_PAD=_pow2(dim),
-        BLOCK_SIZE=k_cache.shape[1], num_warps=_warps_for(_pow2(heads) * _pow2(dim)),
+        BLOCK_SIZE=k_cache.shape[1], num_warps=_warps_for(_pow2(heads) * _pow2(dim)), **pdl(k.device),
     )
 
 
