@@ -36,11 +36,13 @@ from workbench.kernels import reference  # noqa: E402
 
 def _load_triton_modules():
     """Import the Triton modules in the mode this process runs them in (see above)."""
+    launch = importlib.import_module("workbench.kernels.launch")
     attention = importlib.import_module("workbench.kernels.triton_attention")
     gemm = importlib.import_module("workbench.kernels.triton_gemm")
     ops = importlib.import_module("workbench.kernels.triton_ops")
     interpreted = type(attention._attention_kernel).__name__ == "InterpretedFunction"
     if not HAS_CUDA and not interpreted:  # imported earlier without the interpreter
+        importlib.reload(launch)  # its helpers are called from the kernels: first
         attention = importlib.reload(attention)
         gemm = importlib.reload(gemm)
         ops = importlib.reload(ops)
@@ -113,6 +115,20 @@ def test_select_cpu_triton_runs_under_interpreter():
     assert table.name == "triton"
     assert table.paged_attention is triton_attention.paged_attention
     assert type(triton_ops._rms_norm_kernel).__name__ == "InterpretedFunction"
+
+
+def test_programmatic_dependent_launch_only_where_it_exists(monkeypatch):
+    from workbench.kernels import launch
+
+    assert launch.pdl(torch.device("cpu")) == {"USE_PDL": False}  # the interpreter: plain launches
+    monkeypatch.setattr(launch, "_device_supports", lambda index: True)  # as on a Hopper GPU
+    cuda0 = torch.device("cuda", 0)
+    assert launch.pdl(cuda0) == {"USE_PDL": True, "launch_pdl": True}
+    monkeypatch.setenv("WORKBENCH_PDL", "0")  # the switch for measuring what it brings
+    assert launch.pdl(cuda0) == {"USE_PDL": False}
+    monkeypatch.delenv("WORKBENCH_PDL")
+    monkeypatch.setattr(launch, "_device_supports", lambda index: False)  # an Ampere GPU
+    assert launch.pdl(cuda0) == {"USE_PDL": False}
 
 
 @needs_cuda
