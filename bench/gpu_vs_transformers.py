@@ -96,7 +96,7 @@ def _ours(cfg, prompts, outs, warm, overlap: bool) -> tuple[int, float, dict]:
     extra = {"gpu_busy_all": _busy([s for s in steps if s.gpu_start is not None]), "gpu_busy_decode": busy,
              "steps": len(steps), "graphed_steps": sum(s.graphed for s in steps),
              "kv_bytes_per_token": mc.kv_bytes_per_token(torch.bfloat16),
-             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+             "weight_bytes": _nbytes(model.parameters()),
              "step_weight_bytes": _step_weight_bytes(model),
              "decode_step_ms_median": _median([1e3 * (s.gpu_end - s.gpu_start) for s in decode]),
              "decode_contexts": [sum(len(v) for v in s.block_tables.values()) for s in decode[:: max(1, len(decode) // 50)]]}
@@ -104,12 +104,15 @@ def _ours(cfg, prompts, outs, warm, overlap: bool) -> tuple[int, float, dict]:
     return sum(len(r.token_ids) for r in results), seconds, extra
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _step_weight_bytes(model) -> int:
     """Weight bytes a decode step reads: all but an untied input embedding table, of which it
     reads one row per request (a tied table is read whole, as the LM head)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.embed_tokens.weight
-    return total - (embed.numel() * embed.element_size() if model.lm_head is not None else 0)
+    untied_embedding = [model.embed_tokens.weight] if model.lm_head is not None else []
+    return _nbytes(model.parameters()) - _nbytes(untied_embedding)
 
 
 def _submit_all(engine, prompts, outs):
