@@ -3,6 +3,12 @@
 `select(device, backend)` returns a `Kernels` table whose functions all share the
 signatures of `kernels.reference`. The model only ever calls through that table,
 so it never knows which implementation runs.
+
+`paged_attention` and `rope_store_kv` also take `scratch`: a dict the caller makes once per
+forward pass and hands to every layer. An implementation may keep there what it derives from
+the step's metadata alone (positions, slots, lengths, block tables), never from q, k or v, so
+the layers after the first reuse it: the torch references keep their gather index, mask and
+RoPE rows there. A caller that passes none loses nothing but that reuse.
 """
 
 from __future__ import annotations

@@ -43,7 +43,11 @@ def rms_norm(
         x = x + residual
         residual = x
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual  # one fused op (the CPU path)
+        # The CPU path, in few torch ops: after a GEMM has streamed megabytes of weights through
+        # the caches each op starts cold (tens of us), and F.rms_norm is eight of them inside.
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        scale = torch.addcmul(torch.tensor(eps, dtype=x.dtype), norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
+        return torch.mul(x, scale).mul_(weight), residual
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype), residual
@@ -55,10 +59,24 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
     q: [T, Hq, D], k: [T, Hk, D], positions: [T] int, cos_sin: [max_pos, D] fp32
     holding cos in the first D/2 columns and sin in the last D/2.
     """
-    half = q.shape[-1] // 2
+    _rotate(q, k, *_rope_rows(positions, cos_sin, None))
+
+
+def _rope_rows(positions: torch.Tensor, cos_sin: torch.Tensor, scratch: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin at each token's position, [T, 1, D/2] each: the same for every layer of a step."""
+    if scratch is not None and "rope_rows" in scratch:
+        return scratch["rope_rows"]
+    half = cos_sin.shape[-1] // 2
     cs = cos_sin.index_select(0, positions.long())[:, None, :]
-    cos, sin = cs[..., :half], cs[..., half:]
-    for t in (q, k):
+    rows = cs[..., :half], cs[..., half:]
+    if scratch is not None:
+        scratch["rope_rows"] = rows
+    return rows
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    half = q.shape[-1] // 2
+    for t in _adjacent_heads(q, k):
         x1, x2 = t[..., :half], t[..., half:]
         f1, f2 = x1.float(), x2.float()  # the same storage when t is fp32: compute both halves first
         first = torch.addcmul(f1 * cos, f2, sin, value=-1)  # fewer ops: on a CPU each costs ~5 us
@@ -67,13 +85,28 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
         x2.copy_(second)
 
 
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(q and k as one [T, Hq + Hk, D] view) when k's heads follow q's in memory, as they do in
+    the model's qkv rows, else (q, k): one pass of six small ops instead of two on a CPU."""
+    heads, dim = q.shape[1], q.shape[2]
+    if (q.stride() == k.stride() and q.stride(1) == dim and q.stride(2) == 1 and q.dtype == k.dtype
+            and k.data_ptr() == q.data_ptr() + heads * dim * q.element_size()
+            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()):
+        return (q.as_strided((q.shape[0], heads + k.shape[1], dim), q.stride()),)
+    return q, k
+
+
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+                  slot_mapping: torch.Tensor, scratch: dict | None = None) -> None:
     """`rope` on q and k in place, then `store_kv` of the rotated k and v: what attention needs
-    before it runs, as one operation so a GPU can do it in one kernel."""
-    rope(q, k, positions, cos_sin)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    before it runs, as one operation so a GPU can do it in one kernel.
+
+    `scratch` (see the package docstring): the cos/sin rows and the cache slots are derived
+    once per step and reused by every layer.
+    """
+    _rotate(q, k, *_rope_rows(positions, cos_sin, scratch))
+    _store(k, v, k_cache, v_cache, *_store_slots(slot_mapping, scratch))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -93,11 +126,27 @@ def store_kv(
 
     k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]; slot = block * block_size + offset.
     """
-    slots = slot_mapping.long()
-    k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    if slots.numel() and bool((slots < 0).any()):  # padding tokens: keep the rest
+    _store(k, v, k_cache, v_cache, *_store_slots(slot_mapping, None))
+
+
+def _store_slots(slot_mapping: torch.Tensor, scratch: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The slots to write and, when some tokens are padding (slot -1), which tokens to keep."""
+    if scratch is not None and "store_slots" in scratch:
+        return scratch["store_slots"]
+    slots, keep = slot_mapping.long(), None
+    if slots.numel() and bool((slots < 0).any()):
         keep = slots >= 0
-        slots, k, v = slots[keep], k[keep], v[keep]
+        slots = slots[keep]
+    if scratch is not None:
+        scratch["store_slots"] = slots, keep
+    return slots, keep
+
+
+def _store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           slots: torch.Tensor, keep: torch.Tensor | None) -> None:
+    if keep is not None:  # padding tokens: store the rest
+        k, v = k[keep], v[keep]
+    k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
     k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
     v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
 
@@ -112,16 +161,17 @@ def paged_attention(
     scale: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    scratch: dict | None = None,
 ) -> torch.Tensor:
     """Causal attention for a ragged batch whose K/V live in paged blocks.
 
     q: [T, Hq, D] — request i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1], which are
     the *last* q_len tokens of its seq_lens[i]-token context (already stored in the
     cache). block_tables: [B, max_blocks] int, entries past the used blocks ignored.
-    Returns [T, Hq, D].
+    `scratch`: see the package docstring. Returns [T, Hq, D].
     """
     if max_seqlen_q == 1:
-        return _decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, max_seqlen_k)
+        return _decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, max_seqlen_k, scratch)
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
     starts = cu_seqlens_q.tolist()
@@ -133,8 +183,8 @@ def paged_attention(
             continue
         n_blocks = -(-seq_len // block_size)
         blocks = block_tables[i, :n_blocks].clamp(0, k_cache.shape[0] - 1)
-        k_i = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-        v_i = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+        k_i = _gather_blocks(k_cache, blocks).flatten(0, 1)[:seq_len]
+        v_i = _gather_blocks(v_cache, blocks).flatten(0, 1)[:seq_len]
         mask = None
         if q_len > 1:
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
@@ -155,22 +205,48 @@ def _decode_attention(
     block_tables: torch.Tensor,
     scale: float,
     max_seqlen_k: int,
+    scratch: dict | None = None,
 ) -> torch.Tensor:
     """One query per request: gather whole blocks into one padded batch, one SDPA call.
 
     A KV head's GQA group of query heads rides in SDPA's query-length dimension (q viewed as
     [B, Hk, group, D]) with an additive mask, instead of `enable_gqa` and a boolean mask: the
-    same numbers, and on a 2-core CPU 150 instead of 235 us a layer at batch 8.
+    same numbers, and on a 2-core CPU 150 instead of 235 us a layer at batch 8. The gather
+    index and the mask depend on the step only, so `scratch` keeps them for the next layers
+    (inside the engine on 2 cores they had cost 80 of a layer's 280 us).
     """
     batch, block_size = q.shape[0], k_cache.shape[1]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     n_blocks = -(-max_seqlen_k // block_size)
-    blocks = block_tables[:, :n_blocks].clamp(0, k_cache.shape[0] - 1).flatten()  # unused entries may be garbage
     length = n_blocks * block_size
-    k = k_cache.index_select(0, blocks).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    padding = torch.arange(length, device=q.device)[None, None, None, :] >= seq_lens[:, None, None, None]
-    mask = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill_(padding, float("-inf"))
+    blocks, mask = _decode_plan(seq_lens, block_tables, n_blocks, block_size, k_cache.shape[0], q.dtype, scratch)
+    k = _gather_blocks(k_cache, blocks).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    v = _gather_blocks(v_cache, blocks).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
     grouped = q.reshape(batch, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
     o = F.scaled_dot_product_attention(grouped, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     return o.reshape(batch, q.shape[1], head_dim)
+
+
+def _decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, n_blocks: int, block_size: int,
+                 num_blocks: int, dtype: torch.dtype, scratch: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat block index to gather and the additive mask (-inf past each context's end)."""
+    if scratch is not None and "decode_plan" in scratch:
+        return scratch["decode_plan"]
+    blocks = block_tables[:, :n_blocks].clamp(0, num_blocks - 1).flatten()  # unused entries may be garbage
+    keys = torch.arange(n_blocks * block_size, device=seq_lens.device)
+    padding = keys[None, None, None, :] >= seq_lens[:, None, None, None]
+    mask = torch.zeros(padding.shape, dtype=dtype, device=seq_lens.device).masked_fill_(padding, float("-inf"))
+    if scratch is not None:
+        scratch["decode_plan"] = blocks, mask
+    return blocks, mask
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks] for a [num_blocks, block_size, Hk, D] cache, as whole-block row copies.
+
+    On a CPU, `index_select` along dim 0 of the 4-d cache walks element by element (and with two
+    OpenMP threads slower still: 430 us for 48 blocks of 3 KV heads on the 2-core CI machine);
+    the same call on a 2-d view of the cache copies each block as one row: 24 us.
+    """
+    rows = cache.flatten(1).index_select(0, blocks)
+    return rows.view(blocks.shape[0], *cache.shape[1:])

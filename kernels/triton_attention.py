@@ -298,8 +298,10 @@ def paged_attention(
     scale: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    scratch: dict | None = None,
 ) -> torch.Tensor:
-    """Triton version of `reference.paged_attention`: same signature, same result."""
+    """Triton version of `reference.paged_attention`: same signature, same result (the launch
+    needs nothing from `scratch`)."""
     config = choose_config(
         seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
         max_seqlen_q, max_seqlen_k, _num_sms(q.device),

@@ -202,8 +202,8 @@ def _rope_store_kernel(
 
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """`rope` then `store_kv`, fused (see reference.rope_store_kv)."""
+                  slot_mapping: torch.Tensor, scratch: dict | None = None) -> None:
+    """`rope` then `store_kv`, fused (see reference.rope_store_kv); nothing to keep in `scratch`."""
     if any(t.stride(-1) != 1 for t in (q, k, v, cos_sin, k_cache, v_cache)):
         raise ValueError("rope_store_kv needs the head dim contiguous in q, k, v, cos_sin and both caches")
     tokens, q_heads, dim = q.shape

@@ -461,6 +461,37 @@ def make_batch(q_lens: list[int], seq_lens: list[int], num_kv_heads: int, group:
                  1.0 / math.sqrt(head_dim), max(q_lens), max(seq_lens))
 
 
+@pytest.mark.parametrize("mode", ["decode", "mixed"])
+def test_reference_scratch_shared_by_layers_changes_nothing(mode, gen, seed):
+    """Two layers of one step share `scratch` (the references keep the gather index, mask, RoPE
+    rows and slots there): each layer's output must equal a call with no scratch."""
+    q_lens, seq_lens = ragged_lengths(mode, 5, 40, gen)
+    layers = [make_batch(q_lens, seq_lens, 2, 3, 16, 4, torch.float32, gen) for _ in range(2)]
+    for layer in layers[1:]:  # one step: the same metadata, other q and caches
+        layer.block_tables, layer.seq_lens, layer.cu_seqlens_q = (
+            layers[0].block_tables, layers[0].seq_lens, layers[0].cu_seqlens_q)
+    tokens = layers[0].q.shape[0]
+    positions = torch.randint(0, 64, (tokens,), generator=gen, device=DEVICE)
+    slots = torch.randperm(layers[0].k_cache.shape[0] * 4, generator=gen, device=DEVICE)[:tokens]
+    slots[0] = -1  # a padding token: stored nowhere
+    cos_sin = randn((64, 16), torch.float32, gen)
+    scratch: dict = {}
+    for layer in layers:
+        k_cache, v_cache = (c.nan_to_num(0.0) for c in (layer.k_cache, layer.v_cache))
+        qkv = randn((tokens, 10 * 16), torch.float32, gen)
+        outs = []
+        for shared in (scratch, None):
+            t, caches = qkv.clone(), (k_cache.clone(), v_cache.clone())
+            q, k, v = t[:, :96].view(tokens, 6, 16), t[:, 96:128].view(tokens, 2, 16), t[:, 128:].view(tokens, 2, 16)
+            reference.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots, scratch=shared)
+            out = reference.paged_attention(q, *caches, *layer.args()[3:], scratch=shared)
+            outs.append((t, *caches, out))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), f"scratch changed a result (seed {seed})"
+    assert {"rope_rows", "store_slots"} <= scratch.keys()
+    assert ("decode_plan" in scratch) == (mode == "decode")
+
+
 def _check_attention(batch: Batch, dtype, seed, config=None) -> None:
     if config is None:
         out = triton_attention.paged_attention(*batch.args())

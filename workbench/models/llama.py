@@ -53,7 +53,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                ctx: AttentionContext, layer: int, kernels: Kernels) -> torch.Tensor:
+                ctx: AttentionContext, layer: int, kernels: Kernels, scratch: dict | None = None) -> torch.Tensor:
         T = x.shape[0]
         qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -67,10 +67,10 @@ class Attention(nn.Module):
         # them in place there, the same kernel stores k and v to the cache, and attention reads
         # q with its strides, which saves two copies per layer.
         k_cache, v_cache = ctx.kv_caches[layer]
-        kernels.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, ctx.slot_mapping)
+        kernels.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, ctx.slot_mapping, scratch=scratch)
         o = kernels.paged_attention(
             q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
-            self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k,
+            self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k, scratch=scratch,
         )
         return kernels.linear(o.reshape(T, self.q_size), self.o_proj.weight)
 
@@ -122,11 +122,12 @@ class DecoderModel(nn.Module):
         k = self.kernels
         x = self.embed_tokens(input_ids)
         residual = None
+        scratch: dict = {}  # what the kernels derive from this step's metadata, shared by the layers
         for i, layer in enumerate(self.layers):
             h, residual = k.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps, residual)
             if residual is None:
                 residual = x
-            x = layer.self_attn(h, positions, self.cos_sin, ctx, i, k)
+            x = layer.self_attn(h, positions, self.cos_sin, ctx, i, k, scratch)
             h, residual = k.rms_norm(x, layer.post_attention_layernorm.weight,
                                      layer.post_attention_layernorm.eps, residual)
             x = layer.mlp(h, k)
