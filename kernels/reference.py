@@ -146,6 +146,10 @@ def _store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
            slots: torch.Tensor, keep: torch.Tensor | None) -> None:
     if keep is not None:  # padding tokens: store the rest
         k, v = k[keep], v[keep]
+    planes, pair = _kv_planes(k_cache, v_cache), _stacked(k, v)
+    if planes is not None and pair is not None and k.dtype == k_cache.dtype:  # both in one copy
+        planes.flatten(1, 2).index_copy_(1, slots, pair)
+        return
     k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
     k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
     v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
@@ -220,8 +224,8 @@ def _decode_attention(
     n_blocks = -(-max_seqlen_k // block_size)
     length = n_blocks * block_size
     blocks, mask = _decode_plan(seq_lens, block_tables, n_blocks, block_size, k_cache.shape[0], q.dtype, scratch)
-    k = _gather_blocks(k_cache, blocks).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    v = _gather_blocks(v_cache, blocks).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    k, v = (t.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+            for t in _gather_kv_blocks(k_cache, v_cache, blocks))
     grouped = q.reshape(batch, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
     o = F.scaled_dot_product_attention(grouped, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     return o.reshape(batch, q.shape[1], head_dim)
@@ -239,6 +243,43 @@ def _decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, n_blocks: i
     if scratch is not None:
         scratch["decode_plan"] = blocks, mask
     return blocks, mask
+
+
+def _gather_kv_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k_cache[blocks], v_cache[blocks]: one copy for both when they are two planes of one tensor
+    (the engine's cache is [layers, 2, blocks, ...]), each op costing tens of us on a CPU."""
+    planes = _kv_planes(k_cache, v_cache)
+    if planes is None:
+        return _gather_blocks(k_cache, blocks), _gather_blocks(v_cache, blocks)
+    rows = planes.flatten(2).index_select(1, blocks)
+    return rows[0].view(blocks.shape[0], *k_cache.shape[1:]), rows[1].view(blocks.shape[0], *k_cache.shape[1:])
+
+
+def _stacked(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """[2, *k.shape] over the same memory when v lies a fixed step after k with the same strides
+    (k and v side by side in the model's qkv rows), else None."""
+    if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device:
+        return None
+    if k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr() or k.dim() != 3:
+        return None
+    step = v.storage_offset() - k.storage_offset()
+    if step != k.shape[1] * k.shape[2] or k.stride(1) != k.shape[2] or k.stride(2) != 1:
+        return None  # only the qkv layout: v's heads right after k's in each row
+    return k.as_strided((2, *k.shape), (step, *k.stride()))
+
+
+def _kv_planes(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor | None:
+    """[2, *k_cache.shape] over the same memory if v_cache is k_cache's shape one fixed step further
+    into the same storage, both contiguous; else None."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+            and k_cache.dtype == v_cache.dtype and k_cache.device == v_cache.device
+            and k_cache.untyped_storage().data_ptr() == v_cache.untyped_storage().data_ptr()):
+        return None
+    step = v_cache.storage_offset() - k_cache.storage_offset()
+    if step < k_cache.numel():
+        return None  # overlapping or reversed: not two planes
+    return k_cache.as_strided((2, *k_cache.shape), (step, *k_cache.stride()))
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -492,6 +492,26 @@ def test_reference_scratch_shared_by_layers_changes_nothing(mode, gen, seed):
     assert ("decode_plan" in scratch) == (mode == "decode")
 
 
+def test_reference_kv_planes_store_and_gather_like_separate_caches(gen, seed):
+    """The references copy K and V in one op when the caches are the two planes of one tensor
+    (the engine's layout) and k, v sit side by side in the qkv rows: same bytes as two copies."""
+    tokens, heads, dim, blocks, block_size = 11, 3, 8, 12, 4
+    planes = randn((4, 2, blocks, block_size, heads, dim), torch.float32, gen)  # layers, K/V, ...
+    apart = [planes[2, 0].clone(), planes[2, 1].clone()]
+    qkv = randn((tokens, 4 * heads * dim), torch.float32, gen)
+    k, v = qkv[:, 2 * heads * dim : 3 * heads * dim].view(tokens, heads, dim), qkv[:, 3 * heads * dim :].view(tokens, heads, dim)
+    assert reference._kv_planes(planes[2, 0], planes[2, 1]) is not None and reference._stacked(k, v) is not None
+    slots = torch.randperm(blocks * block_size, generator=gen, device=DEVICE)[:tokens]
+    slots[3] = -1
+    reference.store_kv(k, v, planes[2, 0], planes[2, 1], slots)
+    reference.store_kv(k.clone(), v.clone(), *apart, slots)  # separate tensors: the two-copy path
+    assert torch.equal(planes[2, 0], apart[0]) and torch.equal(planes[2, 1], apart[1]), f"seed {seed}"
+    index = torch.randint(0, blocks, (7,), generator=gen, device=DEVICE)
+    for got, want in zip(reference._gather_kv_blocks(planes[2, 0], planes[2, 1], index), apart):
+        assert torch.equal(got, want[index]), f"seed {seed}"
+    assert reference._kv_planes(planes[2, 1], planes[2, 0]) is None  # reversed: not K then V
+
+
 def _check_attention(batch: Batch, dtype, seed, config=None) -> None:
     if config is None:
         out = triton_attention.paged_attention(*batch.args())
