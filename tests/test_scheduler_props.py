@@ -289,3 +289,53 @@ def test_preemption_takes_the_newest_running_request_and_requeues_it_first() -> 
     assert new.block_ids == [] and new.num_computed == 0 and new.output_token_ids == [0]
     assert new.num_preemptions == 1 and new.status is Status.WAITING
     sched.check()
+
+
+def test_requests_sharing_an_opening_wait_one_step_and_then_reuse_its_blocks() -> None:
+    """Three chats with the same two-block system prompt arrive together: the first computes the
+    shared blocks, the other two wait one step and then find them cached; a request with another
+    opening is not held back, and nothing is held back when it would leave the step empty."""
+    bm = BlockManager(capacity=32, block_size=4)
+    sched = Scheduler(bm, max_batch=8, token_budget=100)
+    system = [7, 7, 1, 2, 3, 4, 5, 6]
+    a, b, c = (Request(name, system + tail, SamplingParams(4)) for name, tail in
+               (("a", [10, 11, 12]), ("b", [20, 21]), ("c", [30, 31, 32, 33, 34])))
+    other = Request("other", [9, 9, 9, 9, 9], SamplingParams(4))
+    for r in (a, b, c):
+        sched.add(r)
+    batch = sched.schedule()
+    assert [i.request for i in batch.items] == [a] and list(sched.waiting) == [b, c]
+    assert b.block_ids == [] and b.num_computed == 0
+    sched.check()
+    sched.advance(batch)
+    a.output_token_ids.append(0)
+    sched.add(other)
+    batch = sched.schedule()
+    assert [i.request for i in batch.items] == [a, b, c, other]
+    assert b.block_ids[:2] == c.block_ids[:2] == a.block_ids[:2], "the system prompt's blocks are shared"
+    assert (b.num_computed, c.num_computed, other.num_computed) == (8, 8, 0)
+    assert [i.num_tokens for i in batch.items] == [1, 2, 5, 5]
+    sched.advance(batch)
+    sched.check()
+    assert not bm.pending and not bm.expected, "every announced block was computed"
+
+
+def test_a_held_back_request_runs_when_the_block_it_waits_for_is_given_up() -> None:
+    """The request computing a shared block is cancelled before the block is done: the one that
+    waited for it is admitted at the next step and computes the block itself."""
+    bm = BlockManager(capacity=32, block_size=4)
+    sched = Scheduler(bm, max_batch=8, token_budget=5)  # the first prompt needs three steps
+    first, second = Request("first", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(2)), Request(
+        "second", [1, 2, 3, 4, 5, 6, 7, 8, 0], SamplingParams(2))
+    sched.add(first)
+    sched.add(second)
+    batch = sched.schedule()
+    assert [i.request for i in batch.items] == [first] and bm.pending
+    sched.advance(batch)  # block 0 of `first` is cached; block 1 is still pending
+    batch = sched.schedule()
+    assert [i.request for i in batch.items] == [first], "second waits for block 1"
+    sched.remove(first)  # cancelled mid-prefill
+    assert not bm.pending
+    batch = sched.schedule()
+    assert [i.request for i in batch.items] == [second] and second.num_computed == 4
+    sched.check()

@@ -6,6 +6,12 @@ hash of (parent hash, its token ids), so a later request whose prompt starts
 with the same tokens reuses the block instead of recomputing it. Blocks are
 ref-counted; a freed block keeps its hash, and stays findable, until the
 allocator reuses it (least recently freed first).
+
+Requests that arrive together with the same opening (a chat template's system
+prompt) would each compute the same blocks in the same step. So an admitted
+request announces the full blocks it is about to compute (`expect`), and the
+scheduler holds back for a step a request whose next block is among them: one
+step later that block is cached and shared.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class BlockManager:
     free: OrderedDict[int, None] = field(default_factory=OrderedDict)
     cached: dict[int, int] = field(default_factory=dict)
     shared: set[int] = field(default_factory=set)  # blocks owned by more than one request
+    pending: dict[int, int] = field(default_factory=dict)  # hash -> admitted requests about to compute it
+    expected: dict[str, list[int]] = field(default_factory=dict)  # request id -> its pending hashes, in order
     stats: PrefixStats = field(default_factory=PrefixStats)
 
     def __post_init__(self) -> None:
@@ -103,6 +111,43 @@ class BlockManager:
         request.num_computed = reused
         return reused
 
+    def awaits_pending(self, request: Request) -> bool:
+        """Is the next block this request must compute already being computed by another?"""
+        if not self.pending:
+            return False
+        tokens, i = request.all_token_ids, len(request.block_hashes)
+        if i >= (len(tokens) - 1) // self.block_size:
+            return False  # no full block left to share
+        parent = request.block_hashes[-1] if request.block_hashes else None
+        return block_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size])) in self.pending
+
+    def expect(self, request: Request) -> None:
+        """Announce the full blocks an admitted request will compute, until it commits or frees them."""
+        if not self.prefix_caching:
+            return
+        tokens, hashes = request.all_token_ids, []
+        parent = request.block_hashes[-1] if request.block_hashes else None
+        for i in range(len(request.block_hashes), (len(tokens) - 1) // self.block_size):
+            parent = block_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+            hashes.append(parent)
+            self.pending[parent] = self.pending.get(parent, 0) + 1
+        if hashes:
+            self.expected[request.request_id] = hashes
+
+    def _settle(self, request: Request, count: int) -> None:
+        """The first `count` (or all, -1) announced blocks of the request are computed or given up."""
+        hashes = self.expected.pop(request.request_id, None)
+        if hashes is None:
+            return
+        done, rest = (hashes, []) if count < 0 else (hashes[:count], hashes[count:])
+        for h in done:
+            if self.pending[h] == 1:
+                del self.pending[h]
+            else:
+                self.pending[h] -= 1
+        if rest:
+            self.expected[request.request_id] = rest
+
     def count_admission(self, request: Request) -> None:
         """Add an admitted request's lookup to the hit rate: once per admission, not per retry."""
         self.stats.queried_tokens += request.num_tokens
@@ -125,6 +170,8 @@ class BlockManager:
         full = min(request.num_computed // self.block_size, len(request.block_ids))
         if not self.prefix_caching or full <= len(request.block_hashes):
             return  # most steps fill no block: no need to build the token list
+        if request.request_id in self.expected:
+            self._settle(request, full - len(request.block_hashes))
         tokens = request.all_token_ids
         for i in range(len(request.block_hashes), full):
             parent = request.block_hashes[-1] if request.block_hashes else None
@@ -150,6 +197,7 @@ class BlockManager:
                     self._forget(block)
         request.block_ids = []
         request.block_hashes = []
+        self._settle(request, -1)
 
     def set_limit(self, limit: int) -> None:
         """Change how many blocks may be used; blocks past the limit leave the pool."""
@@ -169,6 +217,8 @@ class BlockManager:
         if not enabled:
             for block in self.blocks:
                 self._forget(block)
+            self.pending.clear()
+            self.expected.clear()
 
     # ---------------------------------------------------------------- internals
     def _take_free(self) -> int:
@@ -212,3 +262,9 @@ class BlockManager:
         assert self.shared == {b.block_id for b in self.blocks if b.ref_count > 1}, "shared-block set is stale"
         for h, block_id in self.cached.items():
             assert self.blocks[block_id].hash == h, f"cache entry for block {block_id} is stale"
+        announced: dict[int, int] = {}
+        for hashes in self.expected.values():
+            for h in hashes:
+                announced[h] = announced.get(h, 0) + 1
+        assert announced == self.pending, "pending blocks disagree with what admitted requests announced"
+        assert set(self.expected) <= {r.request_id for r in requests}, "a gone request still announces blocks"

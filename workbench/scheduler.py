@@ -4,7 +4,9 @@ Continuous batching policy (pure Python, no torch):
   1. decodes first — every running request that has its whole context cached
      gets one token;
   2. then prefill chunks of running requests, under the step's token budget;
-  3. then admission of waiting requests, FIFO, while fewer than `max_batch` run.
+  3. then admission of waiting requests, FIFO, while fewer than `max_batch` run;
+     a request whose next prompt block another request is computing right now
+     waits one step and then finds it in the prefix cache (see blocks.py).
 When the KV cache has no block left, the newest running request is preempted:
 its blocks are freed and it goes back to the front of the queue, to be
 recomputed (its generated tokens kept) once room returns.
@@ -150,11 +152,12 @@ class Scheduler:
             request = self.waiting[0]
             self.blocks.match_prefix(request)
             n = min(request.remaining, budget)
-            if not self.blocks.ensure(request, request.num_computed + n):
+            if self._shares_pending(request, batch) or not self.blocks.ensure(request, request.num_computed + n):
                 self._unmatch(request)
                 break
             self.waiting.popleft()
             self.blocks.count_admission(request)
+            self.blocks.expect(request)
             request.status = Status.RUNNING
             self.running.append(request)
             batch.items.append(ScheduledItem.of(request, n, "prefill"))
@@ -163,6 +166,12 @@ class Scheduler:
         if self.policy == "static" and admitted:
             self.static_members = admitted
             self._admit_static_rest(limit)
+
+    def _shares_pending(self, request: Request, batch: Batch) -> bool:
+        """Hold a request back while its next block is being computed by another (continuous
+        policy, and only if something else runs this step, so the engine never stalls)."""
+        return (self.policy == "continuous" and bool(batch.items or self.running)
+                and self.blocks.awaits_pending(request))
 
     def _admit_static_rest(self, limit: int) -> None:
         """A static batch takes all its members now, even those with no budget this step."""
@@ -174,6 +183,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.count_admission(request)
+            self.blocks.expect(request)
             request.status = Status.RUNNING
             self.running.append(request)
             self.static_members += 1
