@@ -176,29 +176,39 @@ def paged_attention(
     """
     if max_seqlen_q == 1:
         return _decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, max_seqlen_k, scratch)
-    out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    starts = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
-    for i, seq_len in enumerate(lens):
-        q_i = q[starts[i] : starts[i + 1]]
-        q_len = q_i.shape[0]
+    outs = []
+    for start, end, seq_len, blocks, mask in _prefill_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1],
+                                                           k_cache.shape[0], scratch):
+        k_i, v_i = (t.flatten(0, 1)[:seq_len].transpose(0, 1).to(q.dtype)
+                    for t in _gather_kv_blocks(k_cache, v_cache, blocks))
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k_i, v_i, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        outs.append(o.transpose(0, 1))
+    out = torch.cat(outs) if outs else q[:0]
+    if out.shape[0] < q.shape[0]:  # rows past the last request (padding) belong to nobody
+        out = torch.cat((out, torch.zeros_like(q[out.shape[0]:])))
+    return out
+
+
+def _prefill_plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                  num_blocks: int, scratch: dict | None) -> list[tuple]:
+    """Per request with rows this step: (first row, end row, context length, its blocks, causal mask
+    or None), the same for every layer of the step."""
+    if scratch is not None and "prefill_plan" in scratch:
+        return scratch["prefill_plan"]
+    plan, starts = [], cu_seqlens_q.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        q_len = starts[i + 1] - starts[i]
         if q_len == 0:
             continue
-        n_blocks = -(-seq_len // block_size)
-        blocks = block_tables[i, :n_blocks].clamp(0, k_cache.shape[0] - 1)
-        k_i = _gather_blocks(k_cache, blocks).flatten(0, 1)[:seq_len]
-        v_i = _gather_blocks(v_cache, blocks).flatten(0, 1)[:seq_len]
-        mask = None
-        if q_len > 1:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
-        o = F.scaled_dot_product_attention(
-            q_i.transpose(0, 1), k_i.transpose(0, 1).to(q.dtype), v_i.transpose(0, 1).to(q.dtype),
-            attn_mask=mask, scale=scale, enable_gqa=True,
-        )
-        out[starts[i] : starts[i + 1]] = o.transpose(0, 1)
-    return out
+        blocks = block_tables[i, : -(-seq_len // block_size)].clamp(0, num_blocks - 1)
+        # the rows are the last q_len of seq_len positions: row r sees keys 0 .. seq_len - q_len + r
+        mask = None if q_len == 1 else torch.ones(q_len, seq_len, dtype=torch.bool,
+                                                 device=seq_lens.device).tril_(seq_len - q_len)
+        plan.append((starts[i], starts[i + 1], seq_len, blocks, mask))
+    if scratch is not None:
+        scratch["prefill_plan"] = plan
+    return plan
 
 
 def _decode_attention(
