@@ -88,12 +88,17 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(q and k as one [T, Hq + Hk, D] view) when k's heads follow q's in memory, as they do in
     the model's qkv rows, else (q, k): one pass of six small ops instead of two on a CPU."""
-    heads, dim = q.shape[1], q.shape[2]
-    if (q.stride() == k.stride() and q.stride(1) == dim and q.stride(2) == 1 and q.dtype == k.dtype
-            and k.data_ptr() == q.data_ptr() + heads * dim * q.element_size()
-            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()):
-        return (q.as_strided((q.shape[0], heads + k.shape[1], dim), q.stride()),)
+    if _heads_follow(q, k):
+        return (q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride()),)
     return q, k
+
+
+def _heads_follow(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do b's heads start right after a's in each row ([T, H, D] views of one qkv tensor)?"""
+    return (a.dim() == b.dim() == 3 and a.stride() == b.stride() and a.stride(2) == 1
+            and a.stride(1) == a.shape[2] and a.dtype == b.dtype and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() - a.storage_offset() == a.shape[1] * a.shape[2])
 
 
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -267,16 +272,11 @@ def _gather_kv_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _stacked(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """[2, *k.shape] over the same memory when v lies a fixed step after k with the same strides
-    (k and v side by side in the model's qkv rows), else None."""
-    if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device:
+    """[2, *k.shape] over the same memory when v's heads follow k's (k and v side by side in the
+    model's qkv rows), else None."""
+    if k.shape != v.shape or not _heads_follow(k, v):
         return None
-    if k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr() or k.dim() != 3:
-        return None
-    step = v.storage_offset() - k.storage_offset()
-    if step != k.shape[1] * k.shape[2] or k.stride(1) != k.shape[2] or k.stride(2) != 1:
-        return None  # only the qkv layout: v's heads right after k's in each row
-    return k.as_strided((2, *k.shape), (step, *k.stride()))
+    return k.as_strided((2, *k.shape), (k.shape[1] * k.shape[2], *k.stride()))
 
 
 def _kv_planes(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor | None:

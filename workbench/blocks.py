@@ -17,6 +17,7 @@ step later that block is cached and shared.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .request import Request
@@ -113,26 +114,24 @@ class BlockManager:
 
     def awaits_pending(self, request: Request) -> bool:
         """Is the next block this request must compute already being computed by another?"""
-        if not self.pending:
-            return False
-        tokens, i = request.all_token_ids, len(request.block_hashes)
-        if i >= (len(tokens) - 1) // self.block_size:
-            return False  # no full block left to share
-        parent = request.block_hashes[-1] if request.block_hashes else None
-        return block_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size])) in self.pending
+        return bool(self.pending) and next(self._upcoming_hashes(request), None) in self.pending
 
     def expect(self, request: Request) -> None:
         """Announce the full blocks an admitted request will compute, until it commits or frees them."""
         if not self.prefix_caching:
             return
-        tokens, hashes = request.all_token_ids, []
-        parent = request.block_hashes[-1] if request.block_hashes else None
-        for i in range(len(request.block_hashes), (len(tokens) - 1) // self.block_size):
-            parent = block_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
-            hashes.append(parent)
-            self.pending[parent] = self.pending.get(parent, 0) + 1
+        hashes = list(self._upcoming_hashes(request))
+        for h in hashes:
+            self.pending[h] = self.pending.get(h, 0) + 1
         if hashes:
             self.expected[request.request_id] = hashes
+
+    def _upcoming_hashes(self, request: Request) -> Iterator[int]:
+        """Hashes of the full prompt blocks after the request's named ones (lazily: often one is asked)."""
+        tokens, parent = request.all_token_ids, request.block_hashes[-1] if request.block_hashes else None
+        for i in range(len(request.block_hashes), (len(tokens) - 1) // self.block_size):
+            parent = block_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+            yield parent
 
     def _settle(self, request: Request, count: int) -> None:
         """The first `count` (or all, -1) announced blocks of the request are computed or given up."""
