@@ -66,8 +66,8 @@ class Variant:
     def __init__(self, streamk: bool, per_sm: float | None = None, split: int | None = None, **cfg: int):
         self.streamk, self.per_sm, self.split, self.cfg = streamk, per_sm, split, cfg
 
-    def config(self, n: int, k: int) -> dict[str, int]:
-        return {**config_for(n, k), **self.cfg}
+    def config(self, n: int, k: int, gate_up: bool = False) -> dict[str, int]:
+        return {**config_for(n, k, gate_up), **self.cfg}
 
     def programs(self, n: int, k: int, sms: int) -> int:
         """The grid: tiles x split (split-K), or SMs x programs per SM (stream-K)."""
@@ -76,7 +76,7 @@ class Variant:
         return min(units, n // c["block_n"] * self.split if self.split else int(sms * self.per_sm))
 
     def gemm(self, n: int, k: int, gate_up: bool, sms: int) -> Gemm:
-        c = self.config(n, k)
+        c = self.config(n, k, gate_up)
         if not self.streamk:
             return lambda x, w: skinny_linear(x, w, gate_up=gate_up, **c)
         programs = self.programs(n, k, sms)
@@ -86,6 +86,7 @@ class Variant:
 VARIANTS = {
     "base": Variant(False),
     "base st3": Variant(False, num_stages=3),
+    "base st4": Variant(False, num_stages=4),
     "base st6": Variant(False, num_stages=6),
     "base bn64 w4": Variant(False, block_n=64, num_warps=4),
     "sk whole": Variant(True, split=1),
@@ -98,7 +99,7 @@ VARIANTS = {
     "sk P132 bn64 st3 w4": Variant(True, 1, block_n=64, num_stages=3, num_warps=4),
     "sk P132 bn64 bk128 w4": Variant(True, 1, block_n=64, block_k=128, num_warps=4),
 }
-LM_HEAD_VARIANTS = ("base", "base st6", "sk P132", "sk P132 bk128", "sk P264 bk128")
+LM_HEAD_VARIANTS = ("base", "base st3", "base st4", "base st6", "sk P132", "sk P132 bk128", "sk P264 bk128")
 INVARIANCE_CHECKED = {"qkv", "gate_up"}
 
 
@@ -146,7 +147,7 @@ def reference(x: torch.Tensor, w: torch.Tensor, gate_up: bool) -> torch.Tensor:
     return F.silu(gate.bfloat16().float()) * up.bfloat16().float()
 
 
-def probe_shape(shape: str, sms: int, copy: float) -> list[dict]:
+def probe_shape(shape: str, sms: int, copy: float, only: list[str] | None = None) -> list[dict]:
     n, k, gate_up = SHAPES[shape]
     rows_w = 2 * n if gate_up else n
     copies = max(2, -(-400 * 2**20 // (rows_w * k * 2)))  # > 400 MB of weights: every read from HBM
@@ -155,6 +156,8 @@ def probe_shape(shape: str, sms: int, copy: float) -> list[dict]:
     ref = reference(x, weights[0], gate_up)
     results = []
     for name in LM_HEAD_VARIANTS if shape == "lm_head" else VARIANTS:
+        if only and name not in only:
+            continue
         results.append(measure(name, shape, weights, x, sms, ref, copy))
         print(format_row(results[-1]), flush=True)
     return results
@@ -188,14 +191,14 @@ def summary(results: list[dict]) -> list[str]:
     return lines
 
 
-def time_all(shapes: list[str], out: Path | None) -> None:
+def time_all(shapes: list[str], out: Path | None, only: list[str] | None = None) -> None:
     from skinny_gemm_sweep import copy_bandwidth
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy = copy_bandwidth()
     print(f"copy {copy / 1e9:.0f} GB/s; {sms} SMs; {torch.cuda.get_device_name()}; torch {torch.__version__}",
           flush=True)
-    results = [row for shape in shapes for row in probe_shape(shape, sms, copy)]
+    results = [row for shape in shapes for row in probe_shape(shape, sms, copy, only)]
     lines = summary(results)
     print("\n".join(lines))
     if out:
@@ -213,7 +216,7 @@ def compile_sm90(variant: Variant, n: int, k: int, gate_up: bool):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    c = variant.config(n, k)
+    c = variant.config(n, k, gate_up)
     consts = dict(K=k, UP_OFFSET=n, BLOCK_M=ROWS, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], GATE_UP=gate_up,
                   DOT_PRECISION="tf32", USE_PDL=True)
     fn = triton_gemm._skinny_gemm_kernel
@@ -254,7 +257,7 @@ def aot_report() -> list[str]:
     for shape, (n, k, gate_up) in SHAPES.items():
         for name in LM_HEAD_VARIANTS if shape == "lm_head" else VARIANTS:
             variant = VARIANTS[name]
-            c = variant.config(n, k)
+            c = variant.config(n, k, gate_up)
             try:
                 kern = compile_sm90(variant, n, k, gate_up)
             except Exception as exc:  # noqa: BLE001 - out of shared memory is a result too
@@ -316,6 +319,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--variants", nargs="+", default=None, help="time only these (default: all)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--aot", action="store_true", help="compile for sm_90 on the CPU, print resources")
     mode.add_argument("--check", action="store_true", help="interpreter correctness of the split, on the CPU")
@@ -325,7 +329,7 @@ def main() -> int:
     elif args.aot:
         aot_report()
     else:
-        time_all(args.shapes, args.out)
+        time_all(args.shapes, args.out, args.variants)
     return 0
 
 
