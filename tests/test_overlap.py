@@ -98,7 +98,8 @@ def test_graph_inputs_staged_padded_and_carried():
     from workbench.graphs import DecodeGraphs
 
     model = SimpleNamespace(embed_tokens=torch.nn.Embedding(10, 4), lm_head=None)
-    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=5, max_model_len=80, model=model)
+    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=5, max_model_len=80, model=model,
+                             last_sampled=torch.tensor([40, 41, 42, 43, 44, 45, 46, 47, 48]))
     graphs = DecodeGraphs(runner, max_batch=8)
     B, size = 3, graphs.bucket(3)
     assert size == 4 and graphs.sizes[-1] == 8
@@ -107,12 +108,15 @@ def test_graph_inputs_staged_padded_and_carried():
     numel = graphs.stage(host, ids=np.array([11, 0, 13]), positions=np.array([17, 4, 20]),
                          slots=np.array([113, 52, 84]), carry=np.array([-1, 2, -1]), cu=np.arange(4),
                          seq_lens=np.array([18, 5, 21]), logits_idx=np.arange(3), tables=tables)
-    graphs.load(torch.from_numpy(host), numel, prev_sampled=torch.tensor([40, 41, 42]))
-    assert graphs.ids[:size].tolist() == [11, 42, 13, 0]  # row 1 carried prev_sampled[2]
+    graphs.load(torch.from_numpy(host), numel)
+    graphs.carry_in(size)  # the first nodes of the captured graph
+    assert graphs.ids[:size].tolist() == [11, 42, 13, 0]  # row 1 carried the previous step's sample 2
     assert graphs.positions[:size].tolist() == [17, 4, 20, 0]
     assert graphs.slot_mapping[:size].tolist() == [113, 52, 84, -1]  # the padding row stores nothing
     assert graphs.seq_lens[:size].tolist() == [18, 5, 21, 1]
     assert graphs.tables[:B, :2].tolist() == tables.tolist() and graphs.tables[3, 0].item() == 0
+    graphs._argmax_out(torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 5.0]]))  # the last nodes of the graph
+    assert runner.last_sampled[:3].tolist() == [1, 2, 42]  # the next step carries from here
 
 
 def test_mixed_step_graph_inputs_padded_into_one_padding_sequence():
@@ -128,7 +132,8 @@ def test_mixed_step_graph_inputs_padded_into_one_padding_sequence():
     assert token_buckets(512) == [64, 96, 128, 192, 256, 384, 512]
     assert token_buckets(100) == [64, 96, 100]
     model = SimpleNamespace(embed_tokens=torch.nn.Embedding(10, 4), lm_head=None)
-    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=16, max_model_len=64, block_size=4, model=model)
+    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=16, max_model_len=64, block_size=4, model=model,
+                             last_sampled=torch.tensor([70, 71, 72, 73, 74]))
     graphs = MixedGraphs(runner, max_batch=3, token_budget=100)
     assert graphs.sizes == [64] and graphs.p == 4  # buckets capped at max_model_len
     host = np.full(graphs.numel, 99, dtype=np.int64)  # stale values everywhere
@@ -137,7 +142,8 @@ def test_mixed_step_graph_inputs_padded_into_one_padding_sequence():
                          slots=np.array([3, 4, 5, 6, 7, 50]), carry=np.array([-1, -1, -1, -1, -1, 1]),
                          cu=np.array([0, 5, 6]), seq_lens=np.array([8, 11]), logits_idx=np.array([4, 5]),
                          tables=np.array([[0, 1, 0], [9, 11, 12]]))
-    graphs.load(torch.from_numpy(host), numel, prev_sampled=torch.tensor([70, 71]))
+    graphs.load(torch.from_numpy(host), numel)
+    graphs.carry_in(64)
     assert graphs.ids[:T].tolist() == [5, 6, 7, 8, 9, 71] and not graphs.ids[T:64].any()
     assert graphs.slot_mapping[T:64].eq(-1).all() and graphs.positions[T:64].eq(0).all()
     assert graphs.cu.tolist() == [0, 5, 6, 64, 64]  # the padding sequence owns tokens 6..63

@@ -415,24 +415,22 @@ class Engine:
         tokens = self.runner.collect(flight)
         t2 = time.perf_counter()
         finished: list[str] = []
-        sampling = [i for i in flight.batch.items if i.samples]
         # ended while this step ran (cancelled, or a stop seen one step late): their token is discarded
-        kept = [(i.request, t) for i, t in zip(sampling, tokens) if i.request.request_id in self._live]
-        accepted = len(kept)
+        kept = [(live, t) for live, t in zip(map(self._live.get, flight.sampled_ids), tokens) if live is not None]
         try:
-            deltas = push_many(self.decode_windows, [self._live[r.request_id].detok for r, _ in kept], [t for _, t in kept])
+            deltas = push_many(self.decode_windows, [live.detok for live, _ in kept], [t for _, t in kept])
         except Exception:  # noqa: BLE001 - one bad request must not fail the others: decode one by one
             deltas = [None] * len(kept)
-        self.telemetry.events_at([(r.request_id, "first_token" if r.timings.first_token is None else "token")
-                                  for r, _ in kept], self._step_index, t2)
-        for (request, token), delta in zip(kept, deltas):
-            position = flight.placeholders[request.request_id]
-            request.output_token_ids[position] = token
-            if self._on_token(request, token, position + 1, t2, delta):
-                finished.append(request.request_id)
-        wake_all(self._live[r.request_id].handle for r, _ in kept if r.request_id in self._live)
+        self.telemetry.events_at([(live.request.request_id, "token" if live.request.timings.first_token else "first_token")
+                                  for live, _ in kept], self._step_index, t2)
+        for (live, token), delta in zip(kept, deltas):
+            position = flight.placeholders[live.request.request_id]
+            live.request.output_token_ids[position] = token
+            if self._on_token(live, token, position + 1, t2, delta):
+                finished.append(live.request.request_id)
+        wake_all(live.handle for live, _ in kept if live.handle.output is None)
         t3 = time.perf_counter()
-        self._record(flight, accepted, finished, t3, t3 - t2)
+        self._record(flight, len(kept), finished, t3, t3 - t2)
         self._step_index += 1
 
     def _fail_unschedulable(self) -> None:
@@ -445,13 +443,13 @@ class Engine:
             f"request needs {request.max_total_tokens()} tokens of KV cache but only "
             f"{self.blocks.limit * self.config.block_size} exist (num_blocks={self.blocks.limit})"))
 
-    def _on_token(self, request: Request, token: int, generated: int, now: float, delta: str | None = None) -> bool:
+    def _on_token(self, live: _Live, token: int, generated: int, now: float, delta: str | None = None) -> bool:
         """Take in one sampled token (the `generated`-th), stream its text, end the request if it should stop."""
+        request = live.request
         t = request.timings
         if t.first_token is None:
             t.first_token = now
         t.tokens.append(now)
-        live = self._live[request.request_id]
         params = request.params
         old_len = len(request.text)
         try:

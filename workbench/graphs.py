@@ -4,8 +4,10 @@ A step of a small model is hundreds of tiny kernel launches; replaying a
 captured graph turns them into one launch. Graphs need fixed shapes and fixed
 addresses, so each family owns one int64 buffer of static inputs: a step is
 staged into a pinned mirror of its layout (`stage`), copied to the device in one
-H2D copy, moved into place with one device copy on the compute stream and
-given its carried-over tokens (`load`), then replayed (`replay`). Padding
+H2D copy, moved into place with one device copy on the compute stream (`load`),
+then replayed (`replay`). The graph itself begins by gathering the carried-over
+tokens from the previous step's samples and ends with every row's greedy token,
+so a greedy step launches nothing else. Padding
 tokens get slot -1 (their K/V are written nowhere) and read block 0 (never
 used). Logits of padding rows are computed and ignored.
 
@@ -76,6 +78,7 @@ class _StepGraphs:
         self.numel = numel
         self.static = torch.zeros(numel, dtype=torch.int64, device=runner.device)
         self.keys = keys  # one graph each, captured in this order (largest first)
+        self.max_values = torch.empty(rows, dtype=self.out.dtype, device=runner.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.memory_bytes = 0
         self.replays: Counter[tuple[int, int]] = Counter()
@@ -85,12 +88,23 @@ class _StepGraphs:
         for i, name in enumerate(names):
             setattr(self, name, self.static[i * top : (i + 1) * top])
 
-    def load(self, staged: torch.Tensor, numel: int, prev_sampled: torch.Tensor | None) -> None:
-        """On the compute stream: the staged step into the static inputs, then the carry-over."""
+    def load(self, staged: torch.Tensor, numel: int) -> None:
+        """On the compute stream: the staged step into the static inputs."""
         self.static[:numel].copy_(staged[:numel])
-        if prev_sampled is not None and prev_sampled.numel():
-            take = self.carry >= 0
-            self.ids.copy_(torch.where(take, prev_sampled[self.carry.clamp(0, prev_sampled.numel() - 1)], self.ids))
+
+    def carry_in(self, rows: int) -> None:
+        """The first nodes of every graph: tokens of rows staged as carried (carry >= 0) come
+        from the step before, which left its sampled tokens in the runner's `last_sampled`."""
+        source, carry = self.runner.last_sampled, self.carry[:rows]
+        picked = source[carry.clamp(0, source.numel() - 1)]
+        self.ids[:rows].copy_(torch.where(carry >= 0, picked, self.ids[:rows]))
+
+    def _argmax_out(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last nodes: every row's greedy token, into `last_sampled` (the next step carries
+        from there; the sampler overwrites the rows that do not sample greedily)."""
+        rows = logits.shape[0]
+        torch.max(logits, dim=-1, out=(self.max_values[:rows], self.runner.last_sampled[:rows]))
+        return logits
 
     @torch.inference_mode()
     def capture(self, pool: tuple | None = None) -> tuple | None:
@@ -178,7 +192,9 @@ class DecodeGraphs(_StepGraphs):
             kv_caches=self.runner.kv_caches,
         )
         model = self.runner.model
-        return model.compute_logits(model(self.ids[:size], self.positions[:size], ctx), out=self.out[:size])
+        self.carry_in(size)
+        return self._argmax_out(model.compute_logits(model(self.ids[:size], self.positions[:size], ctx),
+                                                     out=self.out[:size]))
 
     def replay(self, T: int, B: int, S: int, max_context: int) -> torch.Tensor:
         """Replay the graph for a loaded step of B requests whose longest context is
@@ -259,8 +275,9 @@ class MixedGraphs(_StepGraphs):
             kv_caches=self.runner.kv_caches,
         )
         model = self.runner.model
+        self.carry_in(size)
         hidden = model(self.ids[:size], self.positions[:size], ctx)
-        return model.compute_logits(hidden[self.logits_idx], out=self.out[: self.p])
+        return self._argmax_out(model.compute_logits(hidden[self.logits_idx], out=self.out[: self.p]))
 
     def replay(self, T: int, B: int, S: int, max_context: int) -> torch.Tensor:
         """Replay the graph for a loaded step of T tokens; the logits of its S sampling rows."""

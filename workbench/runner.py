@@ -53,7 +53,8 @@ class InFlight:
     sampled: torch.Tensor | None  # device tensor [num_sampling], the carry-over source
     host_tokens: torch.Tensor | None  # pinned [num_sampling] once the D2H copy is done
     done: torch.cuda.Event | None
-    sample_index: dict[str, int] = field(default_factory=dict)
+    sample_index: dict[str, int] = field(default_factory=dict)  # request id -> its row in `sampled`
+    sampled_ids: list[str] = field(default_factory=list)  # the request ids of `sampled`'s rows, in order
     prepare_s: float = 0.0
     launch_s: float = 0.0
     gpu_start: torch.cuda.Event | None = None
@@ -89,6 +90,8 @@ class _HostSlot:
         self.logits_idx = buf(max_seqs, torch.int64)
         self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
         self.sampled = buf(max_seqs, torch.int64)
+        # this step's tokens on the device, apart from `last_sampled` (which the next step overwrites)
+        self.sampled_dev = torch.empty(max_seqs, dtype=torch.int64, device=device) if pin else None
         self.copied: torch.cuda.Event | None = None
 
 
@@ -109,6 +112,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.cuda = device.type == "cuda"
         max_tokens, max_seqs = max(token_budget, max_batch), max_batch
+        # every step's sampled tokens, on the device: graphs carry over from here (graphs.py)
+        self.last_sampled = torch.zeros(max_batch + 1, dtype=torch.int64, device=device)
         if self.cuda:
             self.compute_stream = torch.cuda.Stream(device)
             self.h2d_stream = torch.cuda.Stream(device)
@@ -133,7 +138,10 @@ class ModelRunner:
     def graph_memory_bytes(self) -> int:
         return sum(g.memory_bytes for g in self.graph_families)
 
-    def _graphs_for(self, batch: Batch, T: int, B: int, S: int) -> DecodeGraphs | MixedGraphs | None:
+    def _graphs_for(self, batch: Batch, T: int, B: int, S: int, prev: InFlight | None
+                    ) -> DecodeGraphs | MixedGraphs | None:
+        if prev is not None and prev.sampled is not None and prev.sampled.numel() > self.last_sampled.numel():
+            return None  # max_batch grew live: the step before sampled more rows than the graphs carry from
         return next((g for g in self.graph_families if g.can_run(batch, T, B, S)), None)
 
     @property
@@ -157,19 +165,26 @@ class ModelRunner:
         ids: list[int] = []
         flat_blocks: list[int] = []
         starts, lens, table_lens, samples, pending = [], [], [], [], []
-        for i, item in enumerate(items):
+        for item in items:
             r, s, n = item.request, item.start, item.num_tokens
-            tokens = _token_slice(r.prompt_token_ids, r.output_token_ids, s, n)
-            if tokens[-1] == PENDING:
-                if prev is None or r.request_id not in prev.sample_index:
-                    raise RuntimeError(f"{r.request_id}: pending token with no step in flight to carry it from")
-                pending.append((len(ids) + n - 1, prev.sample_index[r.request_id]))
-                tokens = tokens[:-1] + [0]
-            ids += tokens
-            flat_blocks += r.block_ids
+            p = len(r.prompt_token_ids)
+            if n == 1 and s >= p:  # a decode: one output token, often still PENDING on the device
+                token = r.output_token_ids[s - p]
+                if token == PENDING:
+                    pending.append((len(ids), r.request_id))
+                    token = 0
+                ids.append(token)
+            else:
+                tokens = _token_slice(r.prompt_token_ids, r.output_token_ids, s, n)
+                if tokens[-1] == PENDING:
+                    pending.append((len(ids) + n - 1, r.request_id))
+                    tokens = tokens[:-1] + [0]
+                ids += tokens
+            blocks = r.block_ids
+            flat_blocks += blocks
             starts.append(s)
             lens.append(n)
-            table_lens.append(len(r.block_ids))
+            table_lens.append(len(blocks))
             samples.append(item.samples)
         T = len(ids)
         lens_a, tlens = np.array(lens, dtype=np.int64), np.array(table_lens, dtype=np.int64)
@@ -188,7 +203,10 @@ class ModelRunner:
         slot.slots.numpy()[:T] = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
         carry = slot.carry.numpy()
         carry[:T] = -1
-        for index, source in pending:
+        for index, request_id in pending:
+            source = None if prev is None else prev.sample_index.get(request_id)
+            if source is None:
+                raise RuntimeError(f"{request_id}: pending token with no step in flight to carry it from")
             carry[index] = source
         slot.cu.numpy()[: B + 1] = cu
         slot.seq_lens.numpy()[:B] = starts_a + lens_a
@@ -241,7 +259,8 @@ class ModelRunner:
         self._next_slot ^= 1
         T, B, S, width = self._fill(slot, batch, prev)
         sampling = [i for i in batch.items if i.samples]
-        flight = InFlight(batch, None, None, None, {i.request.request_id: j for j, i in enumerate(sampling)})
+        ids = [i.request.request_id for i in sampling]
+        flight = InFlight(batch, None, None, None, dict(zip(ids, range(len(ids)))), ids)
         t1 = time.perf_counter()
         flight.prepare_s = t1 - t0
         if not self.cuda:
@@ -251,7 +270,7 @@ class ModelRunner:
             flight.tokens = flight.sampled.tolist()
             flight.launch_s = time.perf_counter() - t1
             return flight
-        graphs = self._graphs_for(batch, T, B, S)
+        graphs = self._graphs_for(batch, T, B, S, prev)
         graphed = graphs is not None
         with torch.cuda.stream(self.h2d_stream):
             if graphs is not None:
@@ -268,15 +287,18 @@ class ModelRunner:
             flight.gpu_start = slot.gpu_start
             flight.gpu_start.record()
             if graphs is not None:
-                graphs.load(slot.graph_dev, numel, prev.sampled if prev is not None else None)
+                graphs.load(slot.graph_dev, numel)
                 slot.consumed = slot.loaded
                 slot.consumed.record()
                 logits = graphs.replay(T, B, S, int(slot.seq_lens.numpy()[:B].max()))
-                sampled = self.sampler.sample(logits, [i.request.request_id for i in sampling],
-                                              [i.request.params for i in sampling])
+                greedy = self.sampler.sample(logits, ids, [i.request.params for i in sampling],
+                                             greedy=self.last_sampled[:S])
+                sampled = slot.sampled_dev[:S].copy_(greedy)
             else:
                 self._apply_carry(inputs, carry, prev)
                 sampled = self._forward_sample(inputs, sampling)  # runs the model even if nothing samples
+                if 0 < S <= self.last_sampled.numel():
+                    self.last_sampled[:S].copy_(sampled)  # for a graphed step next
             flight.gpu_end = slot.gpu_end
             flight.gpu_end.record()
         flight.graphed, flight.sampled = graphed, sampled

@@ -30,9 +30,12 @@ class Sampler:
     def release(self, request_id: str) -> None:
         self._seeded.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
-        """logits [N, V] -> token ids [N] (on the logits' device)."""
-        tokens = logits.max(dim=-1).indices  # first maximum, as argmax; ~3x faster on a CPU (49k vocab)
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+               greedy: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [N, V] -> token ids [N] (on the logits' device). `greedy`, if given, already
+        holds every row's argmax (a CUDA graph computed it); rows that sample are written into it."""
+        # max's index, as argmax's; ~3x faster on a CPU (49k vocab)
+        tokens = logits.max(dim=-1).indices if greedy is None else greedy
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
             return tokens
