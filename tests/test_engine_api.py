@@ -259,3 +259,36 @@ def test_incremental_detokenizer_streams_exact_text_with_about_one_decode_per_to
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert sum(calls) < 1.3 * len(ids), (sum(calls), len(ids))
+
+
+def test_handle_delivers_every_chunk_to_a_blocked_thread_in_order():
+    """Token chunks are queued without the lock unless a thread waits: none may be lost or
+    reordered while a consumer blocks, wakes and drains concurrently with the producer."""
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so races show up
+    try:
+        for _ in range(3):
+            _stream_through_a_handle(20000)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _stream_through_a_handle(n: int) -> None:
+    from workbench.handle import RequestHandle
+    from workbench.request import RequestOutput, StreamChunk, Timings
+
+    handle = RequestHandle("r")
+
+    def produce() -> None:
+        for i in range(n):
+            handle.push(StreamChunk("r", [i], "x"), wake=False)
+        handle.push(StreamChunk("r", [], "", True, "length"), RequestOutput("r", [], [], "", "length", Timings()))
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    chunks = list(handle)
+    producer.join()
+    assert [c.token_ids[0] for c in chunks[:-1]] == list(range(n))
+    assert chunks[-1].finished and handle.result(timeout=1).finish_reason == "length"

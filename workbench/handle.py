@@ -21,8 +21,9 @@ class RequestHandle:
                  on_done: Callable[["RequestHandle"], None] | None = None) -> None:
         self.request_id = request_id
         self.output: RequestOutput | None = None
-        self._chunks: deque[StreamChunk] = deque()
+        self._chunks: deque[StreamChunk] = deque()  # appended and popped without the lock (atomic)
         self._cond = threading.Condition()
+        self._waiters = 0  # threads blocked in __iter__: only then does a token chunk take the lock
         self._loop = loop
         self._wakeup = asyncio.Event() if loop is not None else None
         self._on_done = on_done
@@ -33,12 +34,19 @@ class RequestHandle:
 
     # ---------------------------------------------------------- engine side
     def push(self, chunk: StreamChunk, output: RequestOutput | None = None, *, wake: bool = True) -> None:
-        """Queue a chunk; `wake=False` leaves waking an asyncio consumer to `wake_all`."""
-        with self._cond:
-            self._chunks.append(chunk)
-            if output is not None:
-                self.output = output
-            self._cond.notify_all()
+        """Queue a chunk; `wake=False` leaves waking an asyncio consumer to `wake_all`.
+
+        A token chunk is one atomic append unless a thread is blocked on this handle: the
+        engine pushes one per request per step, and a condition variable each time was half
+        the cost of streaming a token. (No lost wake-up: a consumer counts itself as a
+        waiter before it checks the queue, and the append comes before the producer's check.)
+        """
+        self._chunks.append(chunk)
+        if output is not None or self._waiters:
+            with self._cond:
+                if output is not None:
+                    self.output = output
+                self._cond.notify_all()
         if wake:
             wake_all([self])
         if output is not None and self._on_done is not None:
@@ -46,10 +54,13 @@ class RequestHandle:
 
     # -------------------------------------------------------- consumer side
     def _drain(self) -> tuple[list[StreamChunk], bool]:
-        with self._cond:
-            chunks = list(self._chunks)
-            self._chunks.clear()
-            return chunks, self.output is not None
+        done = self.output is not None  # before draining: the final chunk is queued before output is set
+        chunks = []
+        try:
+            while True:
+                chunks.append(self._chunks.popleft())
+        except IndexError:  # empty (the engine may append meanwhile: that chunk waits for the next drain)
+            return chunks, done
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
         """Yield chunks as they arrive (inside the event loop that submitted the request)."""
@@ -75,7 +86,11 @@ class RequestHandle:
         """Blocking iteration over chunks, for scripts and threads."""
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._chunks or self.output is not None)
+                self._waiters += 1
+                try:
+                    self._cond.wait_for(lambda: self._chunks or self.output is not None)
+                finally:
+                    self._waiters -= 1
             chunks, done = self._drain()
             yield from chunks
             if done and not chunks:
