@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after site-packages: the repo's kernels/ folder must not shadow a `kernels` distribution
 sys.path.insert(0, str(ROOT / "bench"))
 
 

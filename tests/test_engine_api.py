@@ -261,6 +261,34 @@ def test_incremental_detokenizer_streams_exact_text_with_about_one_decode_per_to
     assert sum(calls) < 1.3 * len(ids), (sum(calls), len(ids))
 
 
+def test_byte_level_detokenizer_streams_what_the_tokenizer_decodes(embedded):
+    """The byte-table detokenizer (picked for byte-level BPE tokenizers such as SmolLM2's) streams
+    exactly tokenizer.decode(output ids): random ids (invalid UTF-8, special tokens, ids past the
+    vocabulary) and real multi-byte text, never half a character. A tokenizer that cleans up
+    spaces on decode gets the window detokenizer instead."""
+    import copy
+    import random
+
+    from workbench.detokenizer import ByteDetokenizer, IncrementalDetokenizer, detokenizer_factory
+
+    tok = embedded.tokenizer
+    make = detokenizer_factory(tok)
+    assert isinstance(make([1]), ByteDetokenizer)
+    rng = random.Random(3)
+    for _ in range(300):
+        ids = [rng.randrange(0, 49200) for _ in range(rng.randint(1, 30))]
+        d = make([5, 6])
+        text = "".join(d.push(i) for i in ids) + d.utf8.decode(b"", final=True)  # flush a trailing half
+        assert text == tok.decode([i for i in ids if i < 49152], skip_special_tokens=True)
+    text = "Héllo wörld, naïve café 😀👍🏽 中文字符 ñ — and plain words after them"
+    d = make([1])
+    pieces = [d.push(i) for i in tok.encode(text, add_special_tokens=False)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    cleaning = copy.deepcopy(tok)
+    cleaning.clean_up_tokenization_spaces = True
+    assert isinstance(detokenizer_factory(cleaning)([1]), IncrementalDetokenizer)
+
+
 def test_handle_delivers_every_chunk_to_a_blocked_thread_in_order():
     """Token chunks are queued without the lock unless a thread waits: none may be lost or
     reordered while a consumer blocks, wakes and drains concurrently with the producer."""

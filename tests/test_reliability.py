@@ -211,14 +211,13 @@ def test_an_exception_in_one_step_fails_that_batch_and_the_engine_keeps_serving(
 def test_an_error_in_one_requests_detokenizer_fails_only_that_request(make_engine, monkeypatch):
     engine = make_engine(num_blocks=64)
     marker = 49000  # a token only the poisoned prompt contains
-    decode = engine.decode_windows
+    make = engine.new_detokenizer
 
-    def decode_or_fail(windows):  # the engine decodes a whole step's windows in one call
-        if any(marker in ids for ids in windows):
+    class Broken:
+        def push(self, token_id: int) -> str:
             raise ValueError("injected detokenizer fault")
-        return decode(windows)
 
-    monkeypatch.setattr(engine, "decode_windows", decode_or_fail)
+    monkeypatch.setattr(engine, "new_detokenizer", lambda ids: Broken() if marker in ids else make(ids))
     good_ids = engine.tokenize(chat(QUESTIONS[3]))
     handles = [engine.submit(good_ids, max_new_tokens=6, ignore_eos=True),
                engine.submit(good_ids[:-1] + [marker] + good_ids[-1:], max_new_tokens=6, ignore_eos=True),

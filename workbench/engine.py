@@ -24,7 +24,7 @@ import torch
 
 from .blocks import BlockManager
 from .config import LIVE_FIELDS, EngineConfig
-from .detokenizer import IncrementalDetokenizer, push_many, window_decoder
+from .detokenizer import Detokenizer, detokenizer_factory, push_many
 from .handle import RequestHandle, wake_all
 from .loading import LoadedModel, load
 from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
@@ -49,7 +49,7 @@ class _Live:
 
     request: Request
     handle: RequestHandle
-    detok: IncrementalDetokenizer
+    detok: Detokenizer
     sent: int = 0  # characters of request.text already streamed
     hold: int = 0  # characters held back while they could still start a stop string
 
@@ -65,7 +65,7 @@ class Engine:
         self.loaded: LoadedModel = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device)
         self.loaded.model.place(device, dtype)  # before sizing the KV cache from free memory
         self.tokenizer = self.loaded.tokenizer
-        self.decode_windows = window_decoder(self.tokenizer)  # the detokenizers' one call per step
+        self.new_detokenizer = detokenizer_factory(self.tokenizer)  # one per request, given its prompt ids
         self.device, self.dtype = device, dtype
         num_blocks = config.num_blocks or self._auto_blocks(config)
         self.config = config.replace(num_blocks=num_blocks)
@@ -165,7 +165,7 @@ class Engine:
         except RuntimeError:
             loop = None
         handle = RequestHandle(rid, loop, on_done)
-        live = _Live(request, handle, IncrementalDetokenizer(self.decode_windows, ids),
+        live = _Live(request, handle, self.new_detokenizer(ids),
                      hold=max((len(s) for s in params.stop), default=1) - 1)
         with self._lock:  # a stop() either comes after this (and ends the request) or made us raise
             if not self._running:
@@ -418,7 +418,7 @@ class Engine:
         # ended while this step ran (cancelled, or a stop seen one step late): their token is discarded
         kept = [(live, t) for live, t in zip(map(self._live.get, flight.sampled_ids), tokens) if live is not None]
         try:
-            deltas = push_many(self.decode_windows, [live.detok for live, _ in kept], [t for _, t in kept])
+            deltas = push_many([live.detok for live, _ in kept], [t for _, t in kept])
         except Exception:  # noqa: BLE001 - one bad request must not fail the others: decode one by one
             deltas = [None] * len(kept)
         self.telemetry.events_at([(live.request.request_id, "token" if live.request.timings.first_token else "first_token")
