@@ -155,62 +155,42 @@ class ModelRunner:
     def _fill(self, slot: _HostSlot, batch: Batch, prev: InFlight | None) -> tuple[int, int, int, int]:
         """Write the batch into a pinned slot; return (tokens, seqs, sampling rows, table width).
 
-        Python touches each request once (its tokens and block table); positions,
-        slots, offsets and the table layout are computed for the whole batch in
-        numpy, so a decode step of 64 requests costs tens of microseconds, not a
-        loop of small array writes per request.
+        Python touches each request once (its tokens and block table, in `_gather`); positions,
+        slots, offsets and the table layout are computed for the whole batch in numpy, so a
+        decode step of 64 requests costs tens of microseconds, not a loop of small array
+        writes per request.
         """
-        items = batch.items
-        B = len(items)
-        ids: list[int] = []
-        flat_blocks: list[int] = []
-        starts, lens, table_lens, samples, pending = [], [], [], [], []
-        for item in items:
-            r, s, n = item.request, item.start, item.num_tokens
-            p = len(r.prompt_token_ids)
-            if n == 1 and s >= p:  # a decode: one output token, often still PENDING on the device
-                token = r.output_token_ids[s - p]
-                if token == PENDING:
-                    pending.append((len(ids), r.request_id))
-                    token = 0
-                ids.append(token)
-            else:
-                tokens = _token_slice(r.prompt_token_ids, r.output_token_ids, s, n)
-                if tokens[-1] == PENDING:
-                    pending.append((len(ids) + n - 1, r.request_id))
-                    tokens = tokens[:-1] + [0]
-                ids += tokens
-            blocks = r.block_ids
-            flat_blocks += blocks
-            starts.append(s)
-            lens.append(n)
-            table_lens.append(len(blocks))
-            samples.append(item.samples)
-        T = len(ids)
-        lens_a, tlens = np.array(lens, dtype=np.int64), np.array(table_lens, dtype=np.int64)
+        g = _gather(batch)
+        B, T = len(batch.items), len(g.ids)
+        lens_a, tlens = np.array(g.lens, dtype=np.int64), np.array(g.table_lens, dtype=np.int64)
         cu = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(lens_a, out=cu[1:])
         width = max(1, int(tlens.max()))
         tables = slot.tables.numpy()
         t_off = np.cumsum(tlens) - tlens
-        tables[np.repeat(np.arange(B), tlens), np.arange(len(flat_blocks)) - np.repeat(t_off, tlens)] = flat_blocks
-        rows = np.repeat(np.arange(B), lens_a)
-        starts_a = np.array(starts, dtype=np.int64)
-        pos = np.arange(T) + np.repeat(starts_a - cu[:-1], lens_a)
+        tables[np.repeat(np.arange(B), tlens), np.arange(len(g.blocks)) - np.repeat(t_off, tlens)] = g.blocks
+        starts_a = np.array(g.starts, dtype=np.int64)
+        if g.decode_only:
+            rows, pos = np.arange(B), starts_a
+        else:
+            rows = np.repeat(np.arange(B), lens_a)
+            pos = np.arange(T) + np.repeat(starts_a - cu[:-1], lens_a)
         bs = self.block_size
-        slot.ids.numpy()[:T] = ids
+        slot.ids.numpy()[:T] = g.ids
         slot.positions.numpy()[:T] = pos
         slot.slots.numpy()[:T] = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
         carry = slot.carry.numpy()
         carry[:T] = -1
-        for index, request_id in pending:
-            source = None if prev is None else prev.sample_index.get(request_id)
-            if source is None:
-                raise RuntimeError(f"{request_id}: pending token with no step in flight to carry it from")
-            carry[index] = source
+        if g.pending:
+            index = {} if prev is None else prev.sample_index
+            sources = [index.get(request_id, -1) for _, request_id in g.pending]
+            if -1 in sources:
+                missing = g.pending[sources.index(-1)][1]
+                raise RuntimeError(f"{missing}: pending token with no step in flight to carry it from")
+            carry[[i for i, _ in g.pending]] = sources
         slot.cu.numpy()[: B + 1] = cu
         slot.seq_lens.numpy()[:B] = starts_a + lens_a
-        logits = cu[1:][np.array(samples, dtype=bool)] - 1
+        logits = cu[1:] - 1 if g.decode_only else cu[1:][np.array(g.samples, dtype=bool)] - 1
         slot.logits_idx.numpy()[: len(logits)] = logits
         return T, B, len(logits), width
 
@@ -270,52 +250,62 @@ class ModelRunner:
             flight.tokens = flight.sampled.tolist()
             flight.launch_s = time.perf_counter() - t1
             return flight
+        prior = torch.cuda.current_stream(self.device)
+        try:  # set_stream directly: a `torch.cuda.stream` context costs several device queries each
+            self._launch_cuda(flight, slot, batch, prev, T, B, S, width, sampling)
+        finally:
+            torch.cuda.set_stream(prior)
+        flight.launch_s = time.perf_counter() - t1
+        return flight
+
+    def _launch_cuda(self, flight: InFlight, slot: _HostSlot, batch: Batch, prev: InFlight | None,
+                     T: int, B: int, S: int, width: int, sampling: list) -> None:
+        """Copy in on the H2D stream, run on the compute stream, copy the tokens out on the D2H
+        stream; events order the three, and nothing here waits for the GPU."""
         graphs = self._graphs_for(batch, T, B, S, prev)
-        graphed = graphs is not None
-        with torch.cuda.stream(self.h2d_stream):
-            if graphs is not None:
-                numel = self._stage_graph(graphs, slot, T, B, S, width)
-            else:
-                inputs = self._to_device(slot, T, B, S, width)
-                carry = self._carry(slot, T, prev)
-            slot.copied = slot.staged
-            slot.copied.record(self.h2d_stream)
+        torch.cuda.set_stream(self.h2d_stream)
+        if graphs is not None:
+            numel = self._stage_graph(graphs, slot, T, B, S, width)
+        else:
+            inputs = self._to_device(slot, T, B, S, width)
+            carry = self._carry(slot, T, prev)
+        slot.copied = slot.staged
+        slot.copied.record(self.h2d_stream)
+
+        torch.cuda.set_stream(self.compute_stream)
         self.compute_stream.wait_event(slot.copied)
-        with torch.cuda.stream(self.compute_stream):
-            if prev is not None and prev.gpu_end is not None:
-                self.compute_stream.wait_event(prev.gpu_end)
-            flight.gpu_start = slot.gpu_start
-            flight.gpu_start.record()
-            if graphs is not None:
-                graphs.load(slot.graph_dev, numel)
-                slot.consumed = slot.loaded
-                slot.consumed.record()
-                logits = graphs.replay(T, B, S, int(slot.seq_lens.numpy()[:B].max()))
-                greedy = self.sampler.sample(logits, ids, [i.request.params for i in sampling],
-                                             greedy=self.last_sampled[:S])
-                sampled = slot.sampled_dev[:S].copy_(greedy)
-            else:
-                self._apply_carry(inputs, carry, prev)
-                sampled = self._forward_sample(inputs, sampling)  # runs the model even if nothing samples
-                if 0 < S <= self.last_sampled.numel():
-                    self.last_sampled[:S].copy_(sampled)  # for a graphed step next
-            flight.gpu_end = slot.gpu_end
-            flight.gpu_end.record()
-        flight.graphed, flight.sampled = graphed, sampled
-        if not graphed:
+        if prev is not None and prev.gpu_end is not None:
+            self.compute_stream.wait_event(prev.gpu_end)
+        flight.gpu_start = slot.gpu_start
+        flight.gpu_start.record(self.compute_stream)
+        if graphs is not None:
+            graphs.load(slot.graph_dev, numel)
+            slot.consumed = slot.loaded
+            slot.consumed.record(self.compute_stream)
+            logits = graphs.replay(T, B, S, int(slot.seq_lens.numpy()[:B].max()))
+            greedy = self.sampler.sample(logits, flight.sampled_ids, [i.request.params for i in sampling],
+                                         greedy=self.last_sampled[:S])
+            sampled = slot.sampled_dev[:S].copy_(greedy)  # a slot buffer: lives as long as the runner
+        else:
+            self._apply_carry(inputs, carry, prev)
+            sampled = self._forward_sample(inputs, sampling)  # runs the model even if nothing samples
+            if 0 < S <= self.last_sampled.numel():
+                self.last_sampled[:S].copy_(sampled)  # for a graphed step next
             for t in (inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.ctx.slot_mapping,
                       inputs.ctx.cu_seqlens_q, inputs.ctx.seq_lens, inputs.ctx.block_tables,
                       *([carry] if carry is not None else [])):
                 t.record_stream(self.compute_stream)
-        self.d2h_stream.wait_event(flight.gpu_end)
-        with torch.cuda.stream(self.d2h_stream):
-            flight.host_tokens = slot.sampled[: len(sampling)]
-            flight.host_tokens.copy_(sampled, non_blocking=True)
             sampled.record_stream(self.d2h_stream)
-            flight.done = slot.done
-            flight.done.record()
-        flight.launch_s = time.perf_counter() - t1
-        return flight
+        flight.gpu_end = slot.gpu_end
+        flight.gpu_end.record(self.compute_stream)
+        flight.graphed, flight.sampled = graphs is not None, sampled
+
+        torch.cuda.set_stream(self.d2h_stream)
+        self.d2h_stream.wait_event(flight.gpu_end)
+        flight.host_tokens = slot.sampled[: len(sampling)]
+        flight.host_tokens.copy_(sampled, non_blocking=True)
+        flight.done = slot.done
+        flight.done.record(self.d2h_stream)
 
     def _stage_graph(self, graphs: DecodeGraphs | MixedGraphs, slot: _HostSlot, T: int, B: int, S: int,
                      width: int) -> int:
@@ -366,3 +356,47 @@ def _token_slice(prompt: list[int], output: list[int], start: int, n: int) -> li
     if start + n <= p:
         return prompt[start : start + n]
     return prompt[start:] + output[: start + n - p]
+
+
+@dataclass(slots=True)
+class _Gathered:
+    """What `_fill` needs from each request of a batch, in batch order."""
+
+    ids: list[int]  # input token ids, flat (PENDING ones as 0)
+    blocks: list[int]  # every request's block table, concatenated
+    starts: list[int]
+    lens: list[int]
+    table_lens: list[int]
+    samples: list[bool]
+    pending: list[tuple[int, str]]  # (index into ids, request id) of tokens still on the device
+    decode_only: bool
+
+
+def _gather(batch: Batch) -> _Gathered:
+    """Read each request once. A decode-only batch (the steady state) takes list comprehensions:
+    each decode's input is its last token (an output token, or the prompt's last when a chunked
+    prefill left only that one), and every decode samples."""
+    items = batch.items
+    if all(i.kind == "decode" for i in items):
+        requests = [i.request for i in items]
+        ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in requests]
+        tables = [r.block_ids for r in requests]
+        pending = [(k, r.request_id) for k, (r, t) in enumerate(zip(requests, ids)) if t == PENDING]
+        for k, _ in pending:
+            ids[k] = 0
+        return _Gathered(ids, [b for t in tables for b in t], [i.start for i in items], [1] * len(items),
+                         list(map(len, tables)), [True] * len(items), pending, True)
+    g = _Gathered([], [], [], [], [], [], [], False)
+    for item in items:
+        r, s, n = item.request, item.start, item.num_tokens
+        tokens = _token_slice(r.prompt_token_ids, r.output_token_ids, s, n)
+        if tokens[-1] == PENDING:
+            g.pending.append((len(g.ids) + n - 1, r.request_id))
+            tokens = tokens[:-1] + [0]
+        g.ids += tokens
+        g.blocks += r.block_ids
+        g.starts.append(s)
+        g.lens.append(n)
+        g.table_lens.append(len(r.block_ids))
+        g.samples.append(item.samples)
+    return g
