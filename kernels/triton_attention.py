@@ -81,7 +81,9 @@ def choose_config(
       stages of both tiles fit in 192 KB (bf16 / fp16 at head dim 128). A program then walks
       half as many steps: on the H100, batch 32 of Llama-3-8B heads, 14.5 -> 11.6 us at context
       256 and 31.2 -> 28.1 us at 480 (bench/results/attn_tiles_h100_2026-11-23.txt); at head
-      dim 64 (SmolLM2) 64 keys stayed the best.
+      dim 64 (SmolLM2) 64 keys stayed the best, with 2 warps and 5 stages: batch 64 with K/V
+      read from DRAM, 9.8 -> 8.5 us at context 192, 11.7 -> 9.7 us at 256
+      (bench/results/attn_cold_h100_2026-12-05.txt).
     * num_splits: decode batches only (a prefill chunk brings many query tiles of its own).
       When their programs (one per request and KV head) fall short of ~3 per multiprocessor,
       the fewest power-of-two pieces that reach it, each still streaming >= 4 key tiles. Measured on an H100 (bench/NOTES.md):
@@ -95,8 +97,11 @@ def choose_config(
 
     d_pad = _next_pow2(head_dim)
     tile_n = max(16, min(64, 16384 // (d_pad * dtype.itemsize)))
+    num_warps, num_stages = 4, 3
     if max_seqlen_q == 1 and d_pad >= 128 and 2 * 3 * 128 * d_pad * dtype.itemsize <= 192 * 1024:
         tile_n = 128  # decode, Llama-3-8B heads: fewer, longer steps per program (measured below)
+    elif max_seqlen_q == 1 and d_pad <= 64:
+        num_warps, num_stages = 2, 5  # decode, SmolLM2 heads: a deeper pipeline, half the warps
 
     num_splits = 1
     programs = num_seqs * num_kv_heads
@@ -105,7 +110,8 @@ def choose_config(
         most = max(1, max_seqlen_k // (4 * tile_n))
         most = 1 << (most.bit_length() - 1)  # round down to a power of two
         num_splits = min(_next_pow2(-(-target // max(programs, 1))), most, 32)
-    return AttentionConfig(block_m=block_m, tile_n=tile_n, num_splits=num_splits)
+    return AttentionConfig(block_m=block_m, tile_n=tile_n, num_splits=num_splits, num_warps=num_warps,
+                           num_stages=num_stages)
 
 
 @triton.jit
