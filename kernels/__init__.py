@@ -4,7 +4,7 @@
 signatures of `kernels.reference`. The model only ever calls through that table,
 so it never knows which implementation runs.
 
-`paged_attention` and `rope_store_kv` also take `scratch`: a dict the caller makes once per
+`paged_attention`, `rope_store_kv` and `rope_store_attention` also take `scratch`: a dict the caller makes once per
 forward pass and hands to every layer. An implementation may keep there what it derives from
 the step's metadata alone (positions, slots, lengths, block tables), never from q, k or v, so
 the layers after the first reuse it: the torch references keep their gather index, mask and
@@ -33,10 +33,12 @@ class Kernels(NamedTuple):
     silu_and_mul: Callable
     store_kv: Callable
     paged_attention: Callable
+    rope_store_attention: Callable
 
 
 TORCH = Kernels("torch", reference.linear, reference.gate_up_silu, reference.rms_norm, reference.rope,
-                reference.rope_store_kv, reference.silu_and_mul, reference.store_kv, reference.paged_attention)
+                reference.rope_store_kv, reference.silu_and_mul, reference.store_kv, reference.paged_attention,
+                reference.rope_store_attention)
 
 
 def triton_available(device: torch.device | str) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv", "paged_attention"]
+__all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv", "paged_attention",
+           "rope_store_attention"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -193,6 +194,18 @@ def paged_attention(
     if out.shape[0] < q.shape[0]:  # rows past the last request (padding) belong to nobody
         out = torch.cat((out, torch.zeros_like(q[out.shape[0]:])))
     return out
+
+
+def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                         block_tables: torch.Tensor, scale: float, max_seqlen_q: int, max_seqlen_k: int,
+                         scratch: dict | None = None) -> torch.Tensor:
+    """A layer's attention from its projected q, k, v: `rope_store_kv`, then `paged_attention`.
+    One operation, so that a GPU can do a decode step's in one kernel."""
+    rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, scratch)
+    return paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, max_seqlen_q,
+                           max_seqlen_k, scratch)
 
 
 def _prefill_plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,

@@ -20,6 +20,14 @@ sized from shapes and python ints alone: no host synchronisation, and the launch
 captured in a CUDA graph. A program finds its request by binary search over those starts;
 programs past the end of a request's rows return at once.
 
+Decode steps (one query token per request) skip that search: program i is request i. They
+may also bring RoPE and the KV store along (`rope` in `paged_attention_with`): the program
+rotates its request's q heads in registers, the program whose keys include the new token
+rotates that token's k and writes k and v to the cache, and then it reads them back with the
+rest. This saves a launch per layer, and the program reads its request's length, position and
+slot before it waits for the kernel ahead of it (the QKV GEMM), since only q, k and v come
+from that kernel.
+
 Split-K (flash decoding): when a decode batch has too few programs to fill the GPU (few
 requests, long contexts) each program's key range is also cut into NUM_SPLITS pieces along
 a third grid axis; each piece writes an unnormalised partial output with its running max
@@ -29,6 +37,7 @@ and sum, and a second small kernel merges them. `choose_config` decides, from py
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,9 +45,20 @@ import triton.language as tl
 
 from .launch import pdl, release_next, wait_for_previous
 
-__all__ = ["AttentionConfig", "choose_config", "paged_attention", "paged_attention_with"]
+__all__ = ["AttentionConfig", "RopeInputs", "choose_config", "decode_with_rope", "paged_attention",
+           "paged_attention_with"]
 
 LOG2E = 1.4426950408889634
+
+
+class RopeInputs(NamedTuple):
+    """What a decode launch needs to do RoPE and the KV store itself (`rope_store_kv`'s inputs)."""
+
+    k: torch.Tensor  # [T, Hk, D], not yet rotated
+    v: torch.Tensor  # [T, Hk, D]
+    positions: torch.Tensor  # [T]
+    cos_sin: torch.Tensor  # [max_pos, D] fp32
+    slot_mapping: torch.Tensor  # [T], -1 = store nowhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +70,7 @@ class AttentionConfig:
     num_splits: int  # pieces each program's key range is cut into (1 = no split-K)
     num_warps: int = 4
     num_stages: int = 3
+    decode: bool = False  # one query token per request (cu_seqlens_q = 0, 1, ..., B): no search
 
 
 def _next_pow2(n: int) -> int:
@@ -111,7 +132,7 @@ def choose_config(
         most = 1 << (most.bit_length() - 1)  # round down to a power of two
         num_splits = min(_next_pow2(-(-target // max(programs, 1))), most, 32)
     return AttentionConfig(block_m=block_m, tile_n=tile_n, num_splits=num_splits, num_warps=num_warps,
-                           num_stages=num_stages)
+                           num_stages=num_stages, decode=max_seqlen_q == 1)
 
 
 @triton.jit
@@ -127,6 +148,15 @@ def _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _rotate_half(x, partner, lo, cos, sin):
+    """RoPE on a row whose columns are paired with `partner` (the other half), in fp32, with the
+    same expressions as `triton_ops._rope_store_kernel`, so both round alike."""
+    x1 = tl.where(lo, x, partner).to(tl.float32)
+    x2 = tl.where(lo, partner, x).to(tl.float32)
+    return tl.where(lo, x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 
 
 @triton.jit
@@ -177,6 +207,12 @@ def _attention_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
+    pos_ptr,  # [T] positions; with FUSE_ROPE only, as the five below
+    cos_sin_ptr,  # [max_pos, HEAD_DIM] fp32: cos | sin
+    k_new_ptr,  # [T, Hk, D] this step's k (not yet rotated)
+    v_new_ptr,  # [T, Hk, D] this step's v
+    slot_ptr,  # [T] cache slot of each token, -1 = store nowhere
+    stride_cs, stride_knt, stride_knh, stride_vnt, stride_vnh,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -185,22 +221,33 @@ def _attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per KV-cache block
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    DECODE: tl.constexpr,  # one query token per request: program i is request i
+    FUSE_ROPE: tl.constexpr,  # decode only: rotate q and the new k here, store the new k / v
     DOT_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1: see the two work-arounds
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    req = _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
-    q_start = tl.load(cu_seqlens_q_ptr + req)
-    q_len = tl.load(cu_seqlens_q_ptr + req + 1) - q_start
-    first = (tile - (q_start // BLOCK_Q + req)) * BLOCK_Q  # first token of the tile, in-request
-    if first >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + req)
+    if DECODE:
+        # Lengths, positions and slots were written before the kernel ahead of this one started,
+        # so they may be read before waiting for it (kernels/launch.py).
+        req = tile
+        q_start = req
+        q_len = 1
+        first = 0
+        seq_len = tl.load(seq_lens_ptr + req)
+    else:
+        wait_for_previous(USE_PDL)
+        req = _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
+        q_start = tl.load(cu_seqlens_q_ptr + req)
+        q_len = tl.load(cu_seqlens_q_ptr + req + 1) - q_start
+        first = (tile - (q_start // BLOCK_Q + req)) * BLOCK_Q  # first token of the tile, in-request
+        if first >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + req)
     context = seq_len - q_len  # keys before the request's first query token
 
     rows = tl.arange(0, BLOCK_M)
@@ -210,14 +257,6 @@ def _attention_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < HEAD_DIM
     q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
-    )
-    if INTERPRETED:
-        # Triton 3.6's interpreter multiplies bf16 dot operands as raw bits: dot in fp32.
-        q = q.to(tl.float32)
-    q_pos = context + tok  # absolute position of each row's query: it sees keys 0..q_pos
 
     # Keys this tile can see, cut into NUM_SPLITS pieces of whole key tiles.
     kv_end = tl.minimum(seq_len, context + first + BLOCK_Q)
@@ -225,6 +264,41 @@ def _attention_kernel(
     per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+
+    q_at = q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    if FUSE_ROPE:
+        half_cols = dims % (HEAD_DIM // 2)
+        lo = dims < HEAD_DIM // 2
+        partner = tl.where(lo, dims + HEAD_DIM // 2, dims - HEAD_DIM // 2)
+        cs_row = cos_sin_ptr + tl.load(pos_ptr + req).to(tl.int64) * stride_cs
+        cos = tl.load(cs_row + half_cols, mask=dim_ok, other=0.0)
+        sin = tl.load(cs_row + HEAD_DIM // 2 + half_cols, mask=dim_ok, other=0.0)
+        slot = tl.load(slot_ptr + req).to(tl.int64)
+        wait_for_previous(USE_PDL)
+        q = _rotate_half(tl.load(q_at + dims[None, :], mask=q_mask, other=0.0),
+                         tl.load(q_at + partner[None, :], mask=q_mask, other=0.0),
+                         lo[None, :], cos[None, :], sin[None, :]).to(q_ptr.dtype.element_ty)
+        if (slot >= 0) & (tile_lo < num_tiles) & (num_tiles <= tile_hi):  # this piece reads the new key
+            k_at = k_new_ptr + req * stride_knt + kv_head * stride_knh
+            k_new = _rotate_half(tl.load(k_at + dims, mask=dim_ok, other=0.0),
+                                 tl.load(k_at + partner, mask=dim_ok, other=0.0), lo, cos, sin)
+            v_new = tl.load(v_new_ptr + req * stride_vnt + kv_head * stride_vnh + dims, mask=dim_ok)
+            block = slot // BLOCK_SIZE
+            offset = slot % BLOCK_SIZE
+            k_dst = k_cache_ptr + block * stride_kb + offset * stride_ks + kv_head * stride_kh + dims
+            v_dst = v_cache_ptr + block * stride_vb + offset * stride_vs + kv_head * stride_vh + dims
+            tl.store(k_dst, k_new.to(k_new_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=dim_ok)
+            tl.store(v_dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=dim_ok)
+        tl.debug_barrier()  # every thread of the program sees the new key before the loop reads it
+    else:
+        if DECODE:
+            wait_for_previous(USE_PDL)
+        q = tl.load(q_at + dims[None, :], mask=q_mask, other=0.0)
+    if INTERPRETED:
+        # Triton 3.6's interpreter multiplies bf16 dot operands as raw bits: dot in fp32.
+        q = q.to(tl.float32)
+    q_pos = context + tok  # absolute position of each row's query: it sees keys 0..q_pos
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -316,6 +390,18 @@ def paged_attention(
                                 block_tables, scale)
 
 
+def decode_with_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor, scale: float, max_seqlen_k: int) -> torch.Tensor:
+    """A decode step's RoPE, KV store and attention in one launch (one query token per request);
+    same result as `rope_store_kv` then `paged_attention`."""
+    config = choose_config(seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
+                           1, max_seqlen_k, _num_sms(q.device))
+    return paged_attention_with(config, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                                rope=RopeInputs(k, v, positions, cos_sin, slot_mapping))
+
+
 def paged_attention_with(
     config: AttentionConfig,
     q: torch.Tensor,
@@ -325,10 +411,21 @@ def paged_attention_with(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    rope: RopeInputs | None = None,
 ) -> torch.Tensor:
-    """Run the kernel with explicit launch parameters (tests and benchmarks pick their own)."""
+    """Run the kernel with explicit launch parameters (tests and benchmarks pick their own).
+
+    With `rope` (decode configs only), q and rope.k are this step's projections before RoPE:
+    the kernel rotates them, stores the new k and v to the cache, then attends (see above)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
+    if config.decode and num_tokens != num_seqs:
+        raise ValueError(f"a decode config needs one query token per request, got {num_tokens} "
+                         f"tokens for {num_seqs} requests")
+    if rope is not None and not config.decode:
+        raise ValueError("RoPE and the KV store ride along only in decode configs")
+    if rope is not None and (head_dim % 2 or any(t.stride(-1) != 1 for t in (rope.k, rope.v, rope.cos_sin))):
+        raise ValueError("fused RoPE needs an even head dim, contiguous in k, v and cos_sin")
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     if group * num_kv_heads != num_q_heads or config.block_m < group:
@@ -347,7 +444,8 @@ def paged_attention_with(
     block_q = config.block_m // group
     d_pad = max(16, _next_pow2(head_dim))
     splits = config.num_splits
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    grid = (num_seqs if config.decode else num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    fused = rope if rope is not None else RopeInputs(q, q, q, q, q)  # unused without FUSE_ROPE
     interpreted = q.device.type != "cuda"  # Triton runs off-GPU only through its interpreter
     if splits == 1:
         target, m, l = out, out, out  # m / l are never touched without splits
@@ -367,9 +465,11 @@ def paged_attention_with(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
+        fused.positions, fused.cos_sin, fused.k, fused.v, fused.slot_mapping,
+        fused.cos_sin.stride(0), fused.k.stride(0), fused.k.stride(1), fused.v.stride(0), fused.v.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=config.block_m,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=block_size,
-        TILE_N=config.tile_n, NUM_SPLITS=splits,
+        TILE_N=config.tile_n, NUM_SPLITS=splits, DECODE=config.decode, FUSE_ROPE=rope is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
         INTERPRETED=interpreted,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl(q.device),

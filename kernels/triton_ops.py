@@ -16,10 +16,11 @@ import triton.language as tl
 
 from . import Kernels, reference
 from .launch import pdl, release_next, wait_for_previous
-from .triton_attention import paged_attention
+from .triton_attention import decode_with_rope, paged_attention
 from .triton_gemm import fits, skinny_linear
 
-__all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv", "paged_attention"]
+__all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv",
+           "paged_attention", "rope_store_attention"]
 
 
 def _pow2(n: int) -> int:
@@ -333,4 +334,20 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return silu_and_mul(reference.linear(x, weight))
 
 
-KERNELS = Kernels("triton", linear, gate_up_silu, rms_norm, rope, rope_store_kv, silu_and_mul, store_kv, paged_attention)
+def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                         block_tables: torch.Tensor, scale: float, max_seqlen_q: int, max_seqlen_k: int,
+                         scratch: dict | None = None) -> torch.Tensor:
+    """`rope_store_kv` then `paged_attention`; a decode step's in one kernel (see
+    triton_attention), other steps as the two kernels."""
+    if max_seqlen_q != 1 or q.shape[0] != seq_lens.shape[0]:
+        rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                               max_seqlen_q, max_seqlen_k)
+    return decode_with_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, cu_seqlens_q, seq_lens,
+                            block_tables, scale, max_seqlen_k)
+
+
+KERNELS = Kernels("triton", linear, gate_up_silu, rms_norm, rope, rope_store_kv, silu_and_mul, store_kv, paged_attention,
+                  rope_store_attention)

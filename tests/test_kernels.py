@@ -561,6 +561,93 @@ def test_paged_attention_noncontiguous_q(gen, seed):
     _check_attention(batch, torch.float32, seed)
 
 
+# --------------------------------------------------------------------------- RoPE + KV store + attention
+
+
+def _check_rope_store_attention(mode: str, num_seqs: int, max_len: int, group: int, head_dim: int,
+                                block_size: int, dtype, gen, seed, num_splits: int | None = None) -> None:
+    """The table's `rope_store_attention` (decode: one kernel that rotates, stores and attends;
+    other steps: two) against the reference in float64, and, on the GPU, bitwise against
+    `rope_store_kv` + `paged_attention`. The new tokens' cache slots start as NaN, so a store
+    that never happened fails; a quarter of the tokens have slot -1 and must store nothing."""
+    kv_heads = 2
+    q_lens, seq_lens = ragged_lengths(mode, num_seqs, max_len, gen)
+    batch = make_batch(q_lens, seq_lens, kv_heads, group, head_dim, block_size, dtype, gen)
+    tokens, q_heads = batch.q.shape[0], kv_heads * group
+    owner = torch.repeat_interleave(torch.arange(num_seqs, device=DEVICE), torch.tensor(q_lens, device=DEVICE))
+    positions = batch.seq_lens[owner] - (batch.cu_seqlens_q[1:][owner] - torch.arange(tokens, device=DEVICE))
+    blocks = batch.block_tables[owner, positions // block_size].long()
+    slots = blocks * block_size + positions % block_size
+    skip = torch.rand(tokens, generator=gen, device=DEVICE) < 0.25
+    for cache in (batch.k_cache, batch.v_cache):
+        cache.view(-1, kv_heads, head_dim)[slots[~skip]] = float("nan")
+    slots[skip] = -1  # these tokens' K/V are already in the cache (a prefix hit)
+    angles = torch.arange(max_len + 1, device=DEVICE).float()[:, None] / (
+        10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))[None, :]
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    qkv = randn((tokens, (q_heads + 2 * kv_heads) * head_dim), dtype, gen)
+
+    def run(t: torch.Tensor, how) -> list[torch.Tensor]:
+        q = t[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+        k = t[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+        v = t[:, (q_heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+        caches = [c.to(t.dtype) for c in (batch.k_cache, batch.v_cache)]
+        meta = (batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, batch.scale)
+        if how == "fused" and num_splits is not None:
+            config = dataclasses.replace(triton_attention.choose_config(
+                num_seqs, q_heads, kv_heads, head_dim, dtype, 1, max_len, 132), num_splits=num_splits)
+            out = triton_attention.paged_attention_with(
+                config, q, *caches, *meta, rope=triton_attention.RopeInputs(k, v, positions, cos_sin, slots))
+        elif how == "fused":
+            out = triton_ops.rope_store_attention(q, k, v, positions, cos_sin, *caches, slots, *meta,
+                                                  batch.max_seqlen_q, batch.max_seqlen_k)
+        else:
+            ops = reference if how == "reference" else triton_ops
+            ops.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots)
+            # the NaN that poisons unused slots is never attended, but the reference's matmuls would spread it
+            read = [c.nan_to_num(0.0) for c in caches] if how == "reference" else caches
+            out = ops.paged_attention(q, *read, *meta, batch.max_seqlen_q, batch.max_seqlen_k)
+        return [out, *caches]
+
+    fused, apart, ref = run(qkv.clone(), "fused"), run(qkv.clone(), "apart"), run(qkv.double(), "reference")
+    for name, a, b, r in zip(("out", "k_cache", "v_cache"), fused, apart, ref):
+        assert torch.equal(a.isnan(), r.isnan()), f"{name}: a store missing or misplaced (seed {seed})"
+        assert_close(a.nan_to_num(0.0), r.nan_to_num(0.0), dtype, seed)
+        if HAS_CUDA:
+            assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), f"{name}: fused != two kernels (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group,head_dim,block_size", [(3, 64, 16), (1, 32, 1), (4, 80, 7)])
+def test_rope_store_attention_decode(group, head_dim, block_size, dtype, gen, seed):
+    _check_rope_store_attention("decode", 5, 150, group, head_dim, block_size, dtype, gen, seed)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4])
+def test_rope_store_attention_decode_split_k(num_splits, gen, seed):
+    """Only the piece whose keys include the new token stores it, and reads it back."""
+    _check_rope_store_attention("decode", 3, 200, 3, 64, 16, torch.float32, gen, seed, num_splits)
+
+
+def test_rope_store_attention_mixed_step(gen, seed):
+    _check_rope_store_attention("mixed", 4, 90, 3, 64, 16, torch.float32, gen, seed)
+
+
+def test_decode_config_refuses_a_ragged_batch(gen):
+    batch = make_batch([2, 1], [10, 5], 2, 2, 64, 16, torch.float32, gen)
+    config = triton_attention.choose_config(2, 4, 2, 64, torch.float32, 1, 10, 132)
+    with pytest.raises(ValueError, match="one query token per request"):
+        triton_attention.paged_attention_with(config, *batch.args()[:7])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("num_seqs,group,head_dim", [(64, 3, 64), (32, 4, 128), (4, 4, 128)])
+def test_rope_store_attention_decode_full(num_seqs, group, head_dim, dtype, gen, seed):
+    _check_rope_store_attention("decode", num_seqs, 3000, group, head_dim, 16, dtype, gen, seed)
+
+
 def test_paged_attention_empty_request(gen, seed):
     """A request with no query rows this step (q_len 0) is skipped, as in the reference."""
     batch = make_batch([3, 0, 1], [40, 17, 9], 2, 2, 64, 16, torch.float32, gen)

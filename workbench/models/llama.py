@@ -63,14 +63,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]
             k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
-        # q and k stay strided views into the qkv output (head dim contiguous): RoPE rotates
-        # them in place there, the same kernel stores k and v to the cache, and attention reads
-        # q with its strides, which saves two copies per layer.
+        # q, k and v stay strided views into the qkv output (head dim contiguous), which saves
+        # copies: RoPE, the KV store and attention read them with their strides (on a GPU, a
+        # decode step does all three in one kernel).
         k_cache, v_cache = ctx.kv_caches[layer]
-        kernels.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, ctx.slot_mapping, scratch=scratch)
-        o = kernels.paged_attention(
-            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
-            self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k, scratch=scratch,
+        o = kernels.rope_store_attention(
+            q, k, v, positions, cos_sin, k_cache, v_cache, ctx.slot_mapping, ctx.cu_seqlens_q, ctx.seq_lens,
+            ctx.block_tables, self.scale, ctx.max_seqlen_q, ctx.max_seqlen_k, scratch=scratch,
         )
         return kernels.linear(o.reshape(T, self.q_size), self.o_proj.weight)
 
