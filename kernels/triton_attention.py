@@ -151,12 +151,20 @@ def _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def rotate_pair(x1, x2, cos, sin):
+    """RoPE on the two halves (x1, x2) of a head, in fp32, with explicit FMAs: left to itself the
+    compiler contracts `x1 * cos - x2 * sin` one way in one kernel and another way in the next,
+    and every kernel that rotates must round exactly alike (the fused decode kernel and
+    `rope_store_kv` feed the same cache)."""
+    return tl.fma(x1, cos, -(x2 * sin)), tl.fma(x2, cos, x1 * sin)
+
+
+@triton.jit
 def _rotate_half(x, partner, lo, cos, sin):
-    """RoPE on a row whose columns are paired with `partner` (the other half), in fp32, with the
-    same expressions as `triton_ops._rope_store_kernel`, so both round alike."""
-    x1 = tl.where(lo, x, partner).to(tl.float32)
-    x2 = tl.where(lo, partner, x).to(tl.float32)
-    return tl.where(lo, x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+    """`rotate_pair` on a whole head whose columns are paired with `partner` (the other half)."""
+    first, second = rotate_pair(tl.where(lo, x, partner).to(tl.float32), tl.where(lo, partner, x).to(tl.float32),
+                                cos, sin)
+    return tl.where(lo, first, second)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import Kernels, reference
 from .launch import pdl, release_next, wait_for_previous
-from .triton_attention import decode_with_rope, paged_attention
+from .triton_attention import decode_with_rope, paged_attention, rotate_pair
 from .triton_gemm import fits, skinny_linear
 
 __all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv",
@@ -113,8 +113,9 @@ def _rotate_heads(ptr, stride_h, cos, sin,
     lo_ptr = ptr + heads[:, None] * stride_h + cols[None, :]
     x1 = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(lo_ptr, (x1 * cos - x2 * sin).to(ptr.dtype.element_ty), mask=mask)
-    tl.store(lo_ptr + HALF, (x2 * cos + x1 * sin).to(ptr.dtype.element_ty), mask=mask)
+    r1, r2 = rotate_pair(x1, x2, cos, sin)
+    tl.store(lo_ptr, r1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(lo_ptr + HALF, r2.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -184,8 +185,8 @@ def _rope_store_kernel(
     k_lo = k_ptr + token * stride_kt + heads * stride_kh + cols[None, :]
     x1 = tl.load(k_lo, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(k_lo + HALF, mask=mask, other=0.0).to(tl.float32)
-    r1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
-    r2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
+    r1, r2 = rotate_pair(x1, x2, cos, sin)
+    r1, r2 = r1.to(k_ptr.dtype.element_ty), r2.to(k_ptr.dtype.element_ty)
     tl.store(k_lo, r1, mask=mask)
     tl.store(k_lo + HALF, r2, mask=mask)
     slot = tl.load(slot_ptr + token).to(tl.int64)
