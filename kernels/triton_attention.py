@@ -246,7 +246,6 @@ def _attention_kernel(
         q_start = req
         q_len = 1
         first = 0
-        seq_len = tl.load(seq_lens_ptr + req)
     else:
         wait_for_previous(USE_PDL)
         req = _find_request(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
@@ -255,7 +254,7 @@ def _attention_kernel(
         first = (tile - (q_start // BLOCK_Q + req)) * BLOCK_Q  # first token of the tile, in-request
         if first >= q_len:
             return
-        seq_len = tl.load(seq_lens_ptr + req)
+    seq_len = tl.load(seq_lens_ptr + req)
     context = seq_len - q_len  # keys before the request's first query token
 
     rows = tl.arange(0, BLOCK_M)
@@ -283,7 +282,9 @@ def _attention_kernel(
         cos = tl.load(cs_row + half_cols, mask=dim_ok, other=0.0)
         sin = tl.load(cs_row + HEAD_DIM // 2 + half_cols, mask=dim_ok, other=0.0)
         slot = tl.load(slot_ptr + req).to(tl.int64)
+    if DECODE:
         wait_for_previous(USE_PDL)
+    if FUSE_ROPE:
         q = _rotate_half(tl.load(q_at + dims[None, :], mask=q_mask, other=0.0),
                          tl.load(q_at + partner[None, :], mask=q_mask, other=0.0),
                          lo[None, :], cos[None, :], sin[None, :]).to(q_ptr.dtype.element_ty)
@@ -300,8 +301,6 @@ def _attention_kernel(
             tl.store(v_dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=dim_ok)
         tl.debug_barrier()  # every thread of the program sees the new key before the loop reads it
     else:
-        if DECODE:
-            wait_for_previous(USE_PDL)
         q = tl.load(q_at + dims[None, :], mask=q_mask, other=0.0)
     if INTERPRETED:
         # Triton 3.6's interpreter multiplies bf16 dot operands as raw bits: dot in fp32.
@@ -390,12 +389,14 @@ def paged_attention(
 ) -> torch.Tensor:
     """Triton version of `reference.paged_attention`: same signature, same result (the launch
     needs nothing from `scratch`)."""
-    config = choose_config(
-        seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
-        max_seqlen_q, max_seqlen_k, _num_sms(q.device),
-    )
-    return paged_attention_with(config, q, k_cache, v_cache, cu_seqlens_q, seq_lens,
-                                block_tables, scale)
+    return paged_attention_with(_heuristic_config(q, k_cache, seq_lens, max_seqlen_q, max_seqlen_k), q, k_cache,
+                                v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+
+
+def _heuristic_config(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, max_seqlen_q: int,
+                      max_seqlen_k: int) -> AttentionConfig:
+    return choose_config(seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
+                         max_seqlen_q, max_seqlen_k, _num_sms(q.device))
 
 
 def decode_with_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -404,9 +405,8 @@ def decode_with_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
                      block_tables: torch.Tensor, scale: float, max_seqlen_k: int) -> torch.Tensor:
     """A decode step's RoPE, KV store and attention in one launch (one query token per request);
     same result as `rope_store_kv` then `paged_attention`."""
-    config = choose_config(seq_lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], q.dtype,
-                           1, max_seqlen_k, _num_sms(q.device))
-    return paged_attention_with(config, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+    return paged_attention_with(_heuristic_config(q, k_cache, seq_lens, 1, max_seqlen_k), q, k_cache, v_cache,
+                                cu_seqlens_q, seq_lens, block_tables, scale,
                                 rope=RopeInputs(k, v, positions, cos_sin, slot_mapping))
 
 
