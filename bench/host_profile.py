@@ -28,16 +28,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def build_engine(device: str, batch: int, freeze_gc: bool | None = None, prefix_caching: bool = False,
-                 num_blocks: int | None = 4096):
+                 num_blocks: int | None = 4096, shape_name: str = "smollm2"):
     import torch
     import transformers
 
     import workbench
-    from shapes import SMOLLM2_135M
+    from shapes import LLAMA3_8B, SMOLLM2_135M
     from workbench.loading import LoadedModel
     from workbench.models import DecoderModel, ModelConfig
 
-    shape = dict(SMOLLM2_135M)
+    shape = dict({"smollm2": SMOLLM2_135M, "llama3-8b": LLAMA3_8B}[shape_name])
     if device == "cpu":
         shape.update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1)
@@ -135,11 +135,13 @@ def main() -> int:
     p.add_argument("--threaded", action="store_true", help="run the engine's own loop thread (as the benchmark does)")
     p.add_argument("--prefix-caching", action="store_true", help="EngineConfig.prefix_caching (off by default here)")
     p.add_argument("--num-blocks", type=int, default=4096, help="KV blocks (0: sized from free memory, as the benchmark)")
+    p.add_argument("--shape", choices=("smollm2", "llama3-8b"), default="smollm2",
+                   help="model shape on CUDA (llama3-8b with --batch 32 --new 512 is workload (c))")
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 49152) for _ in range(args.prompt)] for _ in range(args.batch)]
     engine = build_engine(args.device, args.batch, {"auto": None, "on": True, "off": False}[args.freeze_gc],
-                          args.prefix_caching, args.num_blocks or None)
+                          args.prefix_caching, args.num_blocks or None, args.shape)
     print(f"threaded={args.threaded} prefix_caching={args.prefix_caching} num_blocks={engine.blocks.limit}")
     clock = GcClock()
     print(f"gc: {gc.get_freeze_count()} objects frozen by the engine, {len(gc.get_objects())} tracked")

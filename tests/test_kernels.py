@@ -593,11 +593,15 @@ def _check_rope_store_attention(mode: str, num_seqs: int, max_len: int, group: i
         v = t[:, (q_heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
         caches = [c.to(t.dtype) for c in (batch.k_cache, batch.v_cache)]
         meta = (batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, batch.scale)
-        if how == "fused" and num_splits is not None:
-            config = dataclasses.replace(triton_attention.choose_config(
-                num_seqs, q_heads, kv_heads, head_dim, dtype, 1, max_len, 132), num_splits=num_splits)
+        # a forced split count goes to both Triton paths: pieces of other sizes round differently
+        forced = None if num_splits is None else dataclasses.replace(triton_attention.choose_config(
+            num_seqs, q_heads, kv_heads, head_dim, dtype, 1, max_len, 132), num_splits=num_splits)
+        if how == "fused" and forced is not None:
             out = triton_attention.paged_attention_with(
-                config, q, *caches, *meta, rope=triton_attention.RopeInputs(k, v, positions, cos_sin, slots))
+                forced, q, *caches, *meta, rope=triton_attention.RopeInputs(k, v, positions, cos_sin, slots))
+        elif how == "apart" and forced is not None:
+            triton_ops.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots)
+            out = triton_attention.paged_attention_with(forced, q, *caches, *meta)
         elif how == "fused":
             out = triton_ops.rope_store_attention(q, k, v, positions, cos_sin, *caches, slots, *meta,
                                                   batch.max_seqlen_q, batch.max_seqlen_k)
