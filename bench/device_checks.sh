@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3 and 4 in one device call (bench/NOTES.md explains the numbers):
 # compiled kernel tests, the engine's GPU tests, the kernel bandwidth benchmark and the host
-# profile of workload (a). Everything lands in $OUT (or ./device_out): at most 8 files.
-#   bash bench/device_checks.sh [kernels] [gpu] [kbench] [profile]   (default: all four)
+# profile of workload (a); `tests` runs the kernel and GPU tests side by side; `a`, `b`, `c` run
+# bench/gpu_vs_transformers.py on one workload (ours sync and overlapped twice; (a) with transformers'
+# best generate_batch row, (c) overlapped only). Everything lands in $OUT (or ./device_out): at most 8 files.
+#   bash bench/device_checks.sh [kernels] [gpu] [tests] [kbench] [profile] [a] [b] [c]
+#   (default: kernels gpu kbench profile)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { tail -20 /tmp/pip.log; exit 1; }
 steps=${*:-kernels gpu kbench profile}
+echo "local commit $(git log -1 --format=%h 2>/dev/null)" >"$OUT/commit.txt"
 { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } >"$OUT/env.txt" 2>&1
 for step in $steps; do
   case $step in
     kernels) timeout 300 python3 -m pytest -o addopts="" tests/test_kernels.py -q -n 4 -p no:cacheprovider -rs --durations=5 >"$OUT/kernel_tests.txt" 2>&1 ;;
+    tests) (timeout 280 python3 -m pytest -o addopts="" tests/test_kernels.py -q -n 4 -p no:cacheprovider -rs \
+              >"$OUT/kernel_tests.txt" 2>&1; echo "exit $?" >>"$OUT/kernel_tests.txt") &
+           timeout 280 python3 -m pytest -o addopts="" tests/test_gpu.py -v -p no:cacheprovider -rs --durations=6 \
+             >"$OUT/gpu_tests.txt" 2>&1; echo "exit $?" >>"$OUT/gpu_tests.txt"; wait ;;
+    a) timeout 330 python3 bench/gpu_vs_transformers.py --workloads a --rows ours-overlap ours-sync hf-batch-graphs \
+         --repeats 2 --hf-repeats 1 --timeout 75 --out "$OUT" ;;
+    b) timeout 400 python3 bench/gpu_vs_transformers.py --workloads b --rows ours-overlap ours-sync --repeats 2 \
+         --timeout 95 --out "$OUT" ;;
+    c) timeout 330 python3 bench/gpu_vs_transformers.py --workloads c --rows ours-overlap --repeats "${C_REPEATS:-1}" \
+         --timeout 160 --out "$OUT" ;;
     gpu) timeout 300 python3 -m pytest -o addopts="" tests/test_gpu.py -v -p no:cacheprovider -rs --durations=5 >"$OUT/gpu_tests.txt" 2>&1 ;;
     kbench) timeout 240 python3 bench/kernel_bench.py --out-dir "$OUT" >"$OUT/kernel_bench.log" 2>&1 ;;
     profile) { timeout 150 python3 bench/host_profile.py --device cuda --freeze-gc off --passes-only
@@ -23,4 +37,4 @@ for step in $steps; do
   esac
   echo "$step exit $?" >>"$OUT/env.txt"
 done
-tail -3 "$OUT"/*.txt
+tail -3 "$OUT"/*.txt; grep -h -E "^\| ours|^\| hf|Bandwidth" "$OUT"/*.md 2>/dev/null

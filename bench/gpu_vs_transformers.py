@@ -301,11 +301,13 @@ def _bound(r: dict, bw: float) -> str:
     steps = max(outs)
     seconds = sum((w + kv * batch * (len(prompts[0]) + i)) / bw for i in range(steps))
     bound = batch * steps / seconds
+    mid_ms = 1e3 * (w + kv * batch * (len(prompts[0]) + steps // 2)) / bw
     return (f"Bandwidth bound (c): weights read per step {w / 1e9:.2f} GB (of {r['weight_bytes'] / 1e9:.2f}: the input "
             f"embedding table is not read, but one row per request) + KV {kv} B/token x live context, per decode step, at "
             f"{bw / 1e9:.0f} GB/s copy: {bound:.0f} tok/s; ours overlapped run 0: {r['tok_per_s']:.0f} tok/s = "
             f"{100 * r['tok_per_s'] / bound:.1f}% of the bound (whole run incl. prefill; decode step median "
-            f"{r['decode_step_ms_median']:.2f} ms vs {1e3 * (w + kv * batch * 384) / bw:.2f} ms bound at mid context).")
+            f"{r['decode_step_ms_median']:.2f} ms vs {mid_ms:.2f} ms bound at mid context: "
+            f"{100 * mid_ms / r['decode_step_ms_median']:.1f}% of the bound in steady decode).")
 
 
 if __name__ == "__main__":
