@@ -19,6 +19,7 @@ from workbench.models.packed_linear import PackedLinear  # noqa: E402
 
 lib = ctypes.CDLL(sys.argv[1])
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+lib.q4_gemm = getattr(lib, "q4_1_gemm", None) or lib.q4_gemm
 lib.q4_gemm.argtypes = [P, L, I, I, P, P, I, P, L]
 
 
@@ -52,7 +53,7 @@ torch.manual_seed(0)
 for N, K in [(960, 576), (576, 576), (3072, 576), (576, 1536)]:
     data = [make_q4(N, K) for _ in range(30)]
     packed = [PackedLinear(W) for W, _, _ in data]
-    for M in (1, 8):
+    for M in (1, 8) if len(sys.argv) < 3 else map(int, sys.argv[2].split(",")):
         x = torch.randn(M, K)
         err = (q4(x, data[0][1], data[0][2], N).double() - x.double() @ data[0][0].double().t()).abs().max().item()
         t_q4 = best_us(lambda i: q4(x, data[i][1], data[i][2], N), len(data))

@@ -10,13 +10,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_blocks
+
 __all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv", "paged_attention",
            "rope_store_attention"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b. A weight packed for oneDNN (`is_mkldnn`, CPU) goes through oneDNN's GEMM."""
+    """x W^T + b. A weight packed for oneDNN (`is_mkldnn`, CPU) goes through oneDNN's GEMM; one
+    held as GGUF blocks (`cpu_blocks.BlockWeight`) through the block GEMM for few rows."""
+    if isinstance(weight, cpu_blocks.BlockWeight):
+        if x.dim() == 2 and x.shape[0] <= weight.max_rows and x.dtype == torch.float32 and out is None:
+            return cpu_blocks.linear(x, weight, bias)
+        weight = weight.dense
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if bias is None:

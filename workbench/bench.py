@@ -136,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from .loading import load
+    from .models.block_linear import BlockLinear
 
     loaded = load()
     hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
     prompts = chat_prompts(loaded.tokenizer, args.requests)
     systems: list[tuple[str, Callable[[], int]]] = [("cb-workbench Engine (continuous)",
                                                      run_ours(loaded, prompts, args.new_tokens))]
+    if loaded.model.block_weights and any(isinstance(m, BlockLinear) for m in loaded.model.modules()):
+        # the same engine with every weight dense fp32, as the peers hold them (its own model copy:
+        # placing one model object both ways would undo the other's packing)
+        systems.append(("cb-workbench Engine, dense fp32 weights", run_ours(load(), prompts, args.new_tokens,
+                                                                            block_weights=False)))
     systems.append(("transformers generate (padded static)",
                     run_hf_generate(hf, loaded.tokenizer, prompts, args.new_tokens)))
     if not args.skip_generate_batch:
@@ -153,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             systems.append(("transformers generate_batch (CB, persistent manager)",
                             run_hf_generate_batch(hf_kept, prompts, args.new_tokens, persistent=True)))
     rows = measure_interleaved(systems, args.repeats)
-    systems[0][1].engine.stop()  # type: ignore[attr-defined]
+    for _, fn in systems:
+        if hasattr(fn, "engine"):
+            fn.engine.stop()  # type: ignore[attr-defined]
     report = _report(rows, args, transformers.__version__)
     print(report["markdown"])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -165,21 +173,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace, tf_version: str) -> dict[str, Any]:
     ours = rows[0]["tok_per_s"]
+    dense = next((r["tok_per_s"] for r in rows if "dense" in r["system"]), None)
     for r in rows:
         r["ours_over_this"] = ours / r["tok_per_s"]
+        if dense is not None:
+            r["dense_over_this"] = dense / r["tok_per_s"]
     meta = {
         "date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(["workbench bench", *args.argv]),
         "device": f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": tf_version,
         "workload": f"{args.requests} chat prompts x {args.new_tokens} new tokens, greedy, fp32, EOS ignored",
+        "weights": ("ours: the embedded GGUF's Q4_1 / Q8_0 blocks for steps of few rows (each weight rebuilt to "
+                    "exactly the fp32 value the peers hold, fp32 arithmetic), oneDNN fp32 for prefill; 'dense': "
+                    "fp32 everywhere, as the peers hold them") if dense is not None else "dense fp32 everywhere",
         "repeats": args.repeats, "statistic": "median of interleaved repeats after one warm-up each",
     }
     lines = [f"# CPU benchmark, {meta['date']}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [
-        "", "| system | tokens | median s | tok/s | ours / this | all runs s |", "|---|---|---|---|---|---|"]
+        "", "| system | tokens | median s | tok/s | ours / this | ours with dense weights / this | all runs s |",
+        "|---|---|---|---|---|---|---|"]
     for r in rows:
         runs = ", ".join(f"{t:.2f}" for t in r["times_s"])
+        dense_ratio = f"{r['dense_over_this']:.2f}x" if "dense_over_this" in r else "n/a"
         lines.append(f"| {r['system']} | {r['tokens']} | {r['median_s']:.2f} | {r['tok_per_s']:.1f} | "
-                     f"{r['ours_over_this']:.2f}x | {runs} |")
+                     f"{r['ours_over_this']:.2f}x | {dense_ratio} | {runs} |")
     return {"markdown": "\n".join(lines) + "\n", "data": {"meta": meta, "rows": rows,
                                                           "spread": {r["system"]: statistics.pstdev(r["times_s"]) for r in rows}}}
 

@@ -33,6 +33,7 @@ class EngineConfig:
     kernels: Literal["auto", "torch", "triton"] = "auto"
     overlap: bool | None = None
     cuda_graphs: bool = True
+    block_weights: bool = True  # CPU fp32: weights that are exactly GGUF Q4_1 / Q8_0 blocks stay blocks for decode
     freeze_gc: bool | None = None
     max_queue: int | None = None
     telemetry_steps: int = 4096
@@ -53,6 +54,7 @@ class EngineConfig:
         _check_choice("prefix_caching", self.prefix_caching, (True, False))
         _check_choice("overlap", self.overlap, (None, True, False))
         _check_choice("cuda_graphs", self.cuda_graphs, (True, False))
+        _check_choice("block_weights", self.block_weights, (True, False))
         _check_choice("freeze_gc", self.freeze_gc, (None, True, False))
         if self.max_queue is not None:
             _check_int("max_queue", self.max_queue, 1, 10_000_000)

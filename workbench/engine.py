@@ -63,7 +63,7 @@ class Engine:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = DTYPES[config.dtype] if config.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.loaded: LoadedModel = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device)
-        self.loaded.model.place(device, dtype)  # before sizing the KV cache from free memory
+        self.loaded.model.place(device, dtype, config.block_weights)  # before sizing the KV cache from free memory
         self.tokenizer = self.loaded.tokenizer
         self.new_detokenizer = detokenizer_factory(self.tokenizer)  # one per request, given its prompt ids
         self.device, self.dtype = device, dtype

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..kernels import TORCH, Kernels
 from .config import ModelConfig
+from .block_linear import BlockLinear
 from .packed_linear import PackedLinear, packing_available
 
 
@@ -104,7 +105,8 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.packed_head: PackedLinear | None = None  # set by `place` on a CPU
+        self.packed_head: PackedLinear | BlockLinear | None = None  # set by `place` on a CPU
+        self.block_weights = True  # on a CPU in fp32, keep weights that are exactly GGUF blocks as blocks
         self.register_buffer("cos_sin", self._rope_table(cfg.max_position_embeddings), persistent=False)
 
     def _rope_table(self, max_len: int) -> torch.Tensor:
@@ -133,19 +135,25 @@ class DecoderModel(nn.Module):
         return k.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed_head is not None and out is None and hidden.shape[0] > 1:
-            return self.packed_head(hidden)  # several rows: oneDNN's packed copy streams faster
+        if self.packed_head is not None and out is None and (hidden.shape[0] > 1
+                                                              or isinstance(self.packed_head, BlockLinear)):
+            return self.packed_head(hidden)  # oneDNN's packed copy streams faster for several rows, blocks for any
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return self.kernels.linear(hidden, weight, out=out)
 
     # ------------------------------------------------------------- placement
-    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+    def place(self, device: torch.device, dtype: torch.dtype, block_weights: bool | None = None) -> None:
         """Move to the serving device and dtype, with the weights laid out for its GEMMs.
 
         On a CPU in fp32 the linear layers are packed for oneDNN (`packed_linear.py`) where
-        torch has it; other CPU set-ups store the wide matrices column-major. Values never
-        change, only their memory order, and placing again elsewhere undoes the packing.
+        torch has it, and those that are exactly GGUF blocks are also kept as blocks for decode
+        steps (`block_linear.py`) unless `block_weights` is False; other CPU set-ups store the wide
+        matrices column-major. Values never change, only their memory order, and placing again
+        elsewhere undoes the packing. `block_weights=None` keeps the last choice.
         """
+        if block_weights is not None and block_weights != self.block_weights:
+            self._unpack()
+            self.block_weights = block_weights
         cpu_fp32 = device.type == "cpu" and dtype == torch.float32
         if not cpu_fp32:
             self._unpack()
@@ -167,15 +175,20 @@ class DecoderModel(nn.Module):
 
     def _pack(self) -> None:
         for owner, name in self._linear_slots():
-            if isinstance(getattr(owner, name), nn.Linear):
-                setattr(owner, name, PackedLinear.of(getattr(owner, name)))
-        if self.packed_head is None:  # a copy: single rows and embedding lookups keep the plain one
-            self.packed_head = PackedLinear(self._heads()[-1].weight)
+            linear = getattr(owner, name)
+            if isinstance(linear, nn.Linear):
+                setattr(owner, name, self._packed(linear.weight, linear.bias))
+        if self.packed_head is None:  # a copy: embedding lookups (and single rows, unless blocks) keep the plain one
+            self.packed_head = self._packed(self._heads()[-1].weight, None)
         self._column_major(self._heads())
+
+    def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | BlockLinear:
+        blocks = BlockLinear.of(weight, bias) if self.block_weights else None
+        return blocks if blocks is not None else PackedLinear(weight, bias)
 
     def _unpack(self) -> None:
         for owner, name in self._linear_slots():
-            if isinstance(getattr(owner, name), PackedLinear):
+            if isinstance(getattr(owner, name), (PackedLinear, BlockLinear)):
                 setattr(owner, name, getattr(owner, name).unpack())
         self.packed_head = None
 
