@@ -66,7 +66,7 @@ def server(tmp_path):
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "workbench", "serve", "--no-show", "--port", str(port), "--num-blocks", "48",
-         "--max-batch", "2", "--max-new-tokens", "24"],
+         "--max-batch", "2", "--max-new-tokens", "64"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/"
 
