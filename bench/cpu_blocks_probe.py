@@ -1,8 +1,10 @@
-"""Probe (not used by the engine): a skinny GEMM over 4-bit blocks (the embedded GGUF's Q4_1 layout),
+"""Probe: the block GEMM over 4-bit blocks (the embedded GGUF's Q4_1 layout, kernels/cpu_blocks.c),
 fp32 arithmetic on the exact dequantized values, against oneDNN's packed fp32 GEMM. CPU only.
 
-    gcc -O3 -march=native -fopenmp -shared -fPIC bench/cpu_blocks_probe.c -o /tmp/cpu_blocks.so
-    python bench/cpu_blocks_probe.py /tmp/cpu_blocks.so
+    gcc -O3 -march=native -fopenmp -shared -fPIC kernels/cpu_blocks.c -o /tmp/cpu_blocks.so
+    python bench/cpu_blocks_probe.py /tmp/cpu_blocks.so [ROWS,ROWS,...]
+
+(The first, AVX2-only version measured in bench/NOTES.md entry 15 is bench/cpu_blocks_probe.c at 0d1be21.)
 
 Each shape rotates 30 weight copies (cold caches, as in a decode step). bench/NOTES.md, CPU entry 15.
 """
@@ -19,8 +21,7 @@ from workbench.models.packed_linear import PackedLinear  # noqa: E402
 
 lib = ctypes.CDLL(sys.argv[1])
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-lib.q4_gemm = getattr(lib, "q4_1_gemm", None) or lib.q4_gemm
-lib.q4_gemm.argtypes = [P, L, I, I, P, P, I, P, L]
+lib.q4_1_gemm.argtypes = [P, L, I, I, P, P, I, P, L]
 
 
 def make_q4(N: int, K: int):
@@ -35,7 +36,7 @@ def make_q4(N: int, K: int):
 def q4(x, qs, dm, N):
     M, K = x.shape
     y = torch.empty(M, N)
-    lib.q4_gemm(x.data_ptr(), K, M, K, qs.data_ptr(), dm.data_ptr(), N, y.data_ptr(), N)
+    lib.q4_1_gemm(x.data_ptr(), K, M, K, qs.data_ptr(), dm.data_ptr(), N, y.data_ptr(), N)
     return y
 
 

@@ -186,11 +186,11 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         path = _build(compiler)
-        lib = None if path is None else ctypes.CDLL(str(path))  # after torch: its OpenMP runtime is the one used
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))  # after torch: its OpenMP runtime is the one used
     except OSError as e:  # a read-only cache, a library that will not load
         log.info("cpu_blocks unavailable (%s); dense fp32 weights are used", e)
-        return None
-    if lib is None:
         return None
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     for fn in (lib.q4_1_gemm, lib.q8_0_gemm):
@@ -200,18 +200,20 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _has_avx2() -> bool:
+def _cpu_flags() -> str:
+    """The first `flags` line of /proc/cpuinfo ('' where there is none)."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags.split())
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _has_avx2() -> bool:
+    return {"avx2", "fma"} <= set(_cpu_flags().split())
 
 
 def _build(compiler: str) -> Path | None:
-    source = SOURCE.read_bytes()
-    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256(source + cpu.encode()).hexdigest()[:16]  # -march=native: one build per CPU kind
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]  # -march=native: per CPU kind
     root = Path(os.environ.get("WORKBENCH_CACHE") or Path.home() / ".cache" / "cb-workbench") / "kernels"
     path = root / f"cpu_blocks-{key}.so"
     if path.exists():

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = chat_prompts(loaded.tokenizer, args.requests)
     systems: list[tuple[str, Callable[[], int]]] = [("cb-workbench Engine (continuous)",
                                                      run_ours(loaded, prompts, args.new_tokens))]
-    if loaded.model.block_weights and any(isinstance(m, BlockLinear) for m in loaded.model.modules()):
+    if any(isinstance(m, BlockLinear) for m in loaded.model.modules()):
         # the same engine with every weight dense fp32, as the peers hold them (its own model copy:
         # placing one model object both ways would undo the other's packing)
         systems.append(("cb-workbench Engine, dense fp32 weights", run_ours(load(), prompts, args.new_tokens,
