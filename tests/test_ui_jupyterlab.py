@@ -1,12 +1,16 @@
 """The Dashboard in a JupyterLab cell: a real `jupyter lab` on loopback, Debian's Chromium, no network.
 
 One cell builds an engine and displays a Dashboard; once its plots have
-rendered, the test presses Burst (so the burst cannot be over before the view
-is up, as it could be on a loaded 2-core machine) and checks that the plots keep
-changing (the notebook's periodic callback drains telemetry and pushes over
-the comm), that output cards stream, and that nothing is fetched from outside
-loopback (`pn.extension(inline=True)`). The screenshot goes to the tmp dir;
-with WORKBENCH_DOCS_SCREENSHOT=1 it also replaces docs/dashboard-jupyterlab.png.
+rendered and the cell has finished, the test presses Burst (so the burst cannot
+be over before the view is up, as it could be on a loaded 2-core machine) and
+checks that the burst reaches the engine, that the KV grid's updates carry its
+requests' blocks (watched in the page: the burst can be over in seconds), that
+the plots keep changing (the notebook's periodic callback drains telemetry and
+pushes over the comm), that output cards stream, and that nothing is fetched
+from outside loopback (`pn.extension(inline=True)`). A failure reports the
+cell's output, the browser console and jupyter lab's log. The screenshot goes to
+the tmp dir; with WORKBENCH_DOCS_SCREENSHOT=1 it also replaces
+docs/dashboard-jupyterlab.png.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, loopback_only, wait_until
+from test_browser import CHROMIUM, CHROMIUM_ARGS, kv_owners_seen, loopback_only, wait_until, watch_kv_grid
 
 ROOT = Path(__file__).absolute().parents[1]
 DOCS = os.environ.get("WORKBENCH_DOCS_SCREENSHOT") == "1"
@@ -83,6 +87,14 @@ def jupyter_lab(tmp_path):
         log.close()
 
 
+def output_text(page) -> str:
+    """What the notebook shows under its cells (errors, log lines, the dashboard's own alerts), for a failure."""
+    try:
+        return "\n".join(page.locator(".jp-Notebook .jp-OutputArea-output").all_inner_texts())[-3000:]
+    except Exception as e:  # the page itself may be what broke
+        return f"(unreadable: {e})"
+
+
 def test_dashboard_in_a_jupyterlab_cell(jupyter_lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -114,16 +126,20 @@ def test_dashboard_in_a_jupyterlab_cell(jupyter_lab, tmp_path):
             page.get_by_text("Run All Cells", exact=True).click()
             output = cells.nth(0).locator(".jp-OutputArea")
             wait_until(lambda: output.locator(".bk-Figure").count() == 4, 120, "the dashboard's four plots")
-            output.get_by_role("button", name="Burst").click()  # six varied prompts at once
-            page.mouse.move(5, 5)
-            page.evaluate("el => el.scrollIntoView({block: 'start'})", cells.nth(0).element_handle())
             running = output.locator('[data-testid="counter-running"]')
             ended = output.locator('[data-testid="counter-ended"]')
+            wait_until(lambda: status.count() > 0 and running.count() == 1, 120, "the cell to finish and counters")
+            watch_kv_grid(page)  # every update of the grid counts, however brief its owners are
+            page.mouse.move(5, 5)
+            output.get_by_role("button", name="Burst").click()  # six varied prompts at once
+            page.evaluate("el => el.scrollIntoView({block: 'start'})", cells.nth(0).element_handle())
+            seen = lambda: int(running.inner_text()) + int(ended.inner_text()) > 0  # noqa: E731
             if DOCS:  # for the README: mid-burst, some requests done and the batch still full
                 wait_until(lambda: int(ended.inner_text()) >= 1 and int(running.inner_text()) >= 3, 180,
                            "a mid-burst moment", interval=0.1)
-            else:  # the burst is under way: requests hold KV blocks
-                wait_until(lambda: any(page.evaluate(js, "kv-cells")["owner"]), 90,
+            else:  # the burst reached the engine, and its requests held KV blocks in the grid's updates
+                wait_until(seen, 90, "the burst's requests in the counters", interval=0.1)
+                wait_until(lambda: kv_owners_seen(page) > 0, 90,
                            "requests' blocks in the KV grid", interval=0.1)
             shot = tmp_path / "dashboard-jupyterlab.png"
             page.screenshot(path=str(shot))
@@ -135,10 +151,12 @@ def test_dashboard_in_a_jupyterlab_cell(jupyter_lab, tmp_path):
             cells_js = page.evaluate(js, "slot-cells")
             pairs = list(zip(cells_js["step"], cells_js["slot"]))
             assert len(set(pairs)) == len(pairs), "slot heatmap rows were duplicated"
-        except Exception:
+        except AssertionError as e:
             page.screenshot(path=str(tmp_path / "failure.png"))
             (tmp_path / "console.txt").write_text("\n".join(console))
-            raise
+            raise AssertionError(f"{e}\n--- the cell's output ---\n{output_text(page)}\n--- browser console ---\n"
+                                 + "\n".join(console[-20:]) + "\n--- jupyter lab's log ---\n"
+                                 + (tmp_path / "lab.log").read_text()[-3000:]) from e
         finally:
             browser.close()
     if DOCS:
