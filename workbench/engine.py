@@ -27,6 +27,7 @@ from .config import LIVE_FIELDS, EngineConfig
 from .detokenizer import Detokenizer, detokenizer_factory, push_many
 from .handle import RequestHandle, wake_all
 from .loading import LoadedModel, load
+from .openmp import release_idle_workers
 from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
 from .runner import InFlight, ModelRunner
 from .scheduler import Batch, Scheduler
@@ -152,6 +153,7 @@ class Engine:
         """Validate, tokenize and queue a request; returns at once with its handle."""
         if not self._running:
             raise RuntimeError("the engine is stopped; call engine.start() first")
+        self._yield_cpu_workers()
         params = _make_params(params, sampling)
         ids = self.tokenize(prompt)
         self._check_fits(len(ids), params)
@@ -209,14 +211,19 @@ class Engine:
         finished: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         handles = self.submit_many(prompts, on_done=finished.put, **sampling)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with tqdm(total=len(handles), disable=not progress, desc="generate_batch", unit="req") as bar:
+        bar = tqdm(total=len(handles), desc="generate_batch", unit="req") if progress else None  # off: no thread
+        try:
             for _ in handles:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     finished.get(timeout=wait)
                 except queue.Empty:
                     raise TimeoutError(f"generate_batch did not finish within {timeout} s") from None
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return [h.result() for h in handles]
 
     def cancel(self, request_id: str) -> None:
@@ -310,6 +317,8 @@ class Engine:
         try:
             while self._running:
                 busy = self.scheduler.has_work() or self._inflight is not None
+                if not busy:
+                    self._yield_cpu_workers()  # idle: the cores are the notebook's until work comes
                 self._drain_inbox(block=not busy)
                 if self._running and (self.scheduler.has_work() or self._inflight is not None):
                     self._step_guarded()
@@ -323,6 +332,11 @@ class Engine:
             self._inflight = None
             for live in list(self._live.values()):
                 self._end(live, "error", error=reason)
+
+    def _yield_cpu_workers(self) -> None:
+        """On a CPU, free this thread's idle OpenMP workers: one thread's team at a time runs unthrottled."""
+        if self.device.type == "cpu":
+            release_idle_workers()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
