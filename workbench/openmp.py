@@ -16,6 +16,7 @@ import ctypes
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -24,31 +25,39 @@ OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the threads, keep nothing the n
 
 
 @functools.cache
-def _pause() -> Callable[[int], int] | None:
-    """libgomp's `omp_pause_resource_all`, where torch loaded libgomp; None with another runtime."""
-    import torch  # noqa: F401 - loads torch's libgomp, which is the one to find
+def _pausers() -> tuple[Callable[[int], int], ...]:
+    """`omp_pause_resource_all` of every libgomp loaded (torch's, and a system one a C extension may have pulled in)."""
+    import torch  # noqa: F401 - loads torch's libgomp first
 
+    found: dict[int, Callable[[int], int]] = {}
+    for name in ["libgomp.so.1", *_loaded_libgomp_paths()]:  # some wheels bundle it as libgomp-<hash>.so.1
+        try:
+            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)  # only an already loaded libgomp
+        except (OSError, AttributeError):  # not loaded (Intel or LLVM OpenMP, macOS), or no RTLD_NOLOAD
+            continue
+        fn = getattr(lib, "omp_pause_resource_all", None)  # OpenMP 5.0: GCC 9 and later
+        if fn is not None:
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            found[ctypes.cast(fn, ctypes.c_void_p).value or 0] = fn  # one entry per library, whatever its name
+    return tuple(found.values())
+
+
+def _loaded_libgomp_paths() -> list[str]:
     try:
-        lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)  # only an already loaded libgomp
-    except (OSError, AttributeError):  # not loaded (Intel or LLVM OpenMP, macOS), or no RTLD_NOLOAD
-        return None
-    fn = getattr(lib, "omp_pause_resource_all", None)  # OpenMP 5.0: GCC 9 and later
-    if fn is None:
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-    return fn
+        maps = Path("/proc/self/maps").read_text().split()
+    except OSError:
+        return []
+    return sorted({p for p in maps if p.startswith("/") and os.path.basename(p).startswith("libgomp")})
 
 
 def release_idle_workers() -> bool:
-    """Free the calling thread's OpenMP worker pool; False where libgomp is not torch's runtime.
+    """Free the calling thread's OpenMP worker pools; False where no libgomp is loaded (or one refused).
 
     Call it only between parallel regions (libgomp refuses inside one). Cheap when the
     thread holds no pool.
     """
-    pause = _pause()
-    if pause is None:
-        return False
-    if pause(OMP_PAUSE_SOFT) != 0:
+    pausers = _pausers()
+    refused = [pause for pause in pausers if pause(OMP_PAUSE_SOFT) != 0]
+    if refused:
         log.debug("omp_pause_resource_all refused (inside a parallel region?)")
-        return False
-    return True
+    return bool(pausers) and not refused
