@@ -29,20 +29,21 @@ def _pausers() -> tuple[Callable[[int], int], ...]:
     """`omp_pause_resource_all` of every libgomp loaded (torch's, and a system one a C extension may have pulled in)."""
     import torch  # noqa: F401 - loads torch's libgomp first
 
-    found: dict[int, Callable[[int], int]] = {}
-    for name in ["libgomp.so.1", *_loaded_libgomp_paths()]:  # some wheels bundle it as libgomp-<hash>.so.1
+    pausers = []
+    for path in _loaded_libgomp_paths():  # wheels bundle it as libgomp.so.1 or libgomp-<hash>.so.1
         try:
-            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)  # only an already loaded libgomp
-        except (OSError, AttributeError):  # not loaded (Intel or LLVM OpenMP, macOS), or no RTLD_NOLOAD
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)  # the loaded library itself, never a second copy
+        except (OSError, AttributeError):  # no RTLD_NOLOAD here
             continue
         fn = getattr(lib, "omp_pause_resource_all", None)  # OpenMP 5.0: GCC 9 and later
         if fn is not None:
             fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-            found[ctypes.cast(fn, ctypes.c_void_p).value or 0] = fn  # one entry per library, whatever its name
-    return tuple(found.values())
+            pausers.append(fn)
+    return tuple(pausers)
 
 
 def _loaded_libgomp_paths() -> list[str]:
+    """Where /proc/self/maps has a libgomp mapped (none off Linux: Intel and LLVM OpenMP are left alone)."""
     try:
         maps = Path("/proc/self/maps").read_text().split()
     except OSError:
