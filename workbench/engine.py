@@ -230,8 +230,12 @@ class Engine:
         """Cancel a queued or running request; its stream ends with finish_reason 'cancelled'."""
         self._call(lambda: self._cancel(request_id))
 
-    def reconfigure(self, **changes: Any) -> EngineConfig:
-        """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy) at the next step."""
+    def reconfigure(self, *, wait: bool = True, **changes: Any) -> EngineConfig:
+        """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy) at the next step.
+
+        With `wait=False` the change is posted and the validated config that will apply is returned at
+        once: a UI thread must never wait on the loop. Posts apply in order, so the last one wins;
+        `engine.config` shows the applied config."""
         for key in changes:
             if key not in LIVE_FIELDS:
                 raise ValueError(f"{key} cannot change while the engine runs; live fields are {list(LIVE_FIELDS)}")
@@ -245,6 +249,8 @@ class Engine:
             done.set()
 
         self._call(apply)
+        if not wait:
+            return new
         if self._running and threading.current_thread() is not self._thread:
             done.wait(60)
         return self.config
