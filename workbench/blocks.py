@@ -17,7 +17,7 @@ step later that block is cached and shared.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .request import Request
@@ -43,7 +43,18 @@ class PrefixStats:
 
 
 def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    """A block's name: its tokens and its parent's name, so equal names mean equal prefixes."""
     return hash((parent, token_ids))
+
+
+def chained_hashes(token_ids: Sequence[int], block_size: int, first: int, stop: int,
+                   parent: int | None) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(hash, tokens) of full blocks `first` .. `stop - 1` of `token_ids`, each chained to the one
+    before; `parent` is block `first - 1`'s hash (None for block 0). Lazy: callers often stop early."""
+    for i in range(first, stop):
+        chunk = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        parent = block_hash(parent, chunk)
+        yield parent, chunk
 
 
 @dataclass(slots=True)
@@ -71,10 +82,6 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free)
 
-    @property
-    def num_used(self) -> int:
-        return sum(1 for b in self.blocks if b.ref_count > 0)
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -95,9 +102,7 @@ class BlockManager:
         if not self.prefix_caching:
             return 0
         parent: int | None = None
-        for i in range(max_blocks):
-            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            h = block_hash(parent, chunk)
+        for h, chunk in chained_hashes(tokens, self.block_size, 0, max_blocks, None):
             block_id = self.cached.get(h)
             if block_id is None:
                 break
@@ -129,9 +134,9 @@ class BlockManager:
     def _upcoming_hashes(self, request: Request) -> Iterator[int]:
         """Hashes of the full prompt blocks after the request's named ones (lazily: often one is asked)."""
         tokens, parent = request.all_token_ids, request.block_hashes[-1] if request.block_hashes else None
-        for i in range(len(request.block_hashes), (len(tokens) - 1) // self.block_size):
-            parent = block_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
-            yield parent
+        stop = (len(tokens) - 1) // self.block_size
+        for h, _ in chained_hashes(tokens, self.block_size, len(request.block_hashes), stop, parent):
+            yield h
 
     def _settle(self, request: Request, count: int) -> None:
         """The first `count` (or all, -1) announced blocks of the request are computed or given up."""
@@ -171,16 +176,16 @@ class BlockManager:
             return  # most steps fill no block: no need to build the token list
         if request.request_id in self.expected:
             self._settle(request, full - len(request.block_hashes))
-        tokens = request.all_token_ids
-        for i in range(len(request.block_hashes), full):
-            parent = request.block_hashes[-1] if request.block_hashes else None
-            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            h = block_hash(parent, chunk)
+        first = len(request.block_hashes)
+        parent = request.block_hashes[-1] if request.block_hashes else None
+        for i, (h, chunk) in enumerate(chained_hashes(request.all_token_ids, self.block_size, first, full, parent),
+                                       first):
             request.block_hashes.append(h)
             block = self.blocks[request.block_ids[i]]
             if block.hash is None and h not in self.cached:
                 block.hash, block.parent_hash, block.token_ids = h, parent, chunk
                 self.cached[h] = block.block_id
+            parent = h
 
     def free_request(self, request: Request) -> None:
         """Drop the request's references; its tail blocks are the first to be reused."""
