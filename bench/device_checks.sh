@@ -4,7 +4,8 @@
 # profile of workload (a); `tests` runs the kernel and GPU tests side by side; `a`, `b`, `c` run
 # bench/gpu_vs_transformers.py on one workload (ours sync and overlapped twice; (a) with transformers'
 # best generate_batch row, (c) overlapped only). Everything lands in $OUT (or ./device_out): at most 8 files.
-#   bash bench/device_checks.sh [kernels] [gpu] [tests] [kbench] [profile] [a] [b] [c]
+#   bash bench/device_checks.sh [kernels] [gpu] [tests] [tests3] [ab] [kbench] [profile] [a] [b] [c]
+#   (ab: needs .base/, see bench/ab.sh; tests3: the GPU tests three times in a row)
 #   (default: kernels gpu kbench profile)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -21,8 +22,15 @@ for step in $steps; do
     kernels) timeout 300 python3 -m pytest -o addopts="" tests/test_kernels.py -q -n 4 -p no:cacheprovider -rs --durations=5 >"$OUT/kernel_tests.txt" 2>&1 ;;
     tests) (timeout 280 python3 -m pytest -o addopts="" tests/test_kernels.py -q -n 4 -p no:cacheprovider -rs \
               >"$OUT/kernel_tests.txt" 2>&1; echo "exit $?" >>"$OUT/kernel_tests.txt") &
-           timeout 280 python3 -m pytest -o addopts="" tests/test_gpu.py -v -p no:cacheprovider -rs --durations=6 \
-             >"$OUT/gpu_tests.txt" 2>&1; echo "exit $?" >>"$OUT/gpu_tests.txt"; wait ;;
+           timeout 280 python3 -m pytest -o addopts="" tests/test_gpu.py tests/test_batch_invariance.py -v \
+             -p no:cacheprovider -rs --durations=8 >"$OUT/gpu_tests.txt" 2>&1; echo "exit $?" >>"$OUT/gpu_tests.txt"; wait ;;
+    tests3) for i in 1 2 3; do  # issue 21: the GPU tests green three runs in a row
+              timeout 190 python3 -m pytest -o addopts="" tests/test_gpu.py tests/test_batch_invariance.py -q \
+                -p no:cacheprovider -rs >"$OUT/gpu_tests_run$i.txt" 2>&1; echo "exit $?" >>"$OUT/gpu_tests_run$i.txt"
+            done ;;
+    ab) # (a) here against the commit in .base/ (bench/ab.sh), this tree's benchmark script for both
+        timeout 560 bash bench/ab.sh "${AB_ROUNDS:-3}" "python3 $PWD/bench/gpu_vs_transformers.py --workloads a \
+          --rows ours-overlap --repeats 1 --timeout 120 --out /tmp/ab_\$AB_LABEL" >"$OUT/ab_a.txt" 2>&1 ;;
     a) timeout 330 python3 bench/gpu_vs_transformers.py --workloads a --rows ours-overlap ours-sync hf-batch-graphs \
          --repeats 2 --hf-repeats 1 --timeout 75 --out "$OUT" ;;
     b) timeout 400 python3 bench/gpu_vs_transformers.py --workloads b --rows ours-overlap ours-sync --repeats 2 \

@@ -375,6 +375,19 @@ def _merge_splits_kernel(
              mask=dims < HEAD_DIM)
 
 
+def invariant_config(num_q_heads: int, num_kv_heads: int, head_dim: int) -> AttentionConfig:
+    """The one launch of the fp32 path, for prefill chunks and decodes alike: fixed tiles, the
+    general (non-decode) program layout, no split of the keys. A query row then walks its keys in
+    the same TILE_N steps with the same reductions whatever the batch, the step's longest context
+    or chunk, or whether it is decoded or recomputed after a preemption, so fp32 results are
+    bit-identical across batch layouts (the engine's overlap == sync and graphs == eager promise).
+    The price is speed, which the fp32 path does not chase: bf16 keeps the tuned heuristics."""
+    group = num_q_heads // num_kv_heads
+    d_pad = _next_pow2(head_dim)
+    return AttentionConfig(block_m=max(16, _next_pow2(group)), tile_n=max(16, min(64, 8192 // d_pad)),
+                           num_splits=1, num_warps=4, num_stages=2, decode=False)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -389,8 +402,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Triton version of `reference.paged_attention`: same signature, same result (the launch
     needs nothing from `scratch`)."""
-    return paged_attention_with(_heuristic_config(q, k_cache, seq_lens, max_seqlen_q, max_seqlen_k), q, k_cache,
-                                v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+    config = (invariant_config(q.shape[1], k_cache.shape[2], q.shape[2]) if q.dtype == torch.float32
+              else _heuristic_config(q, k_cache, seq_lens, max_seqlen_q, max_seqlen_k))
+    return paged_attention_with(config, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
 
 
 def _heuristic_config(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, max_seqlen_q: int,

@@ -106,3 +106,69 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | 
         num_stages=cfg["num_stages"], num_warps=cfg["num_warps"], **pdl(x.device),
     )
     return out
+
+
+# --------------------------------------------------------------------------- batch-invariant fp32
+#
+# cuBLAS picks its kernel (tile shape, split-K) from the matrix sizes, so the same row of x gives
+# different low bits when it is multiplied alone, beside 63 others or beside 200: a request's fp32
+# logits then depend on what else shares its step, and an argmax near a tie flips. The engine's
+# promise that overlap on or off and graphs on or off give the same tokens rests on every row
+# being computed the same way whatever the batch. This kernel does that by construction: fixed
+# tiles, one program per (row tile, column tile), and K walked in the same BLOCK_K steps with
+# exact fp32 FMAs ("ieee"), so a row's result never depends on M or on its place in the tile.
+
+INVARIANT_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
+
+
+@triton.jit
+def _invariant_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    M, N, stride_xm, stride_wn, stride_om,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[rows, cols] = x[rows] W[cols]^T (+ b[cols]), each element summed over K in one order."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < N
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 x W^T (+ b) whose every row is bit-identical whatever the other rows are (see above)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError(f"invariant_linear is the fp32 path, got {x.dtype} x {weight.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M, N = x2.shape[0], weight.shape[0]
+    out2 = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
+    if M:
+        t = INVARIANT_TILES
+        grid = (triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(N, t["BLOCK_N"]))
+        _invariant_gemm_kernel[grid](
+            x2, weight, bias if bias is not None else weight, out2, M, N,
+            x2.stride(0), weight.stride(0), out2.stride(0), K=K, HAS_BIAS=bias is not None, **t,
+            num_warps=4, num_stages=3,
+        )
+    return out2.view(*lead, N) if out is None else out

@@ -17,7 +17,7 @@ import triton.language as tl
 from . import Kernels, reference
 from .launch import pdl, release_next, wait_for_previous
 from .triton_attention import decode_with_rope, paged_attention, rotate_pair
-from .triton_gemm import fits, skinny_linear
+from .triton_gemm import fits, invariant_linear, skinny_linear
 
 __all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv",
            "paged_attention", "rope_store_attention"]
@@ -322,7 +322,9 @@ _STREAMED = (torch.bfloat16, torch.float16)  # fp32 has no tensor-core dot: cuBL
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b: the weight-streaming kernel (triton_gemm) for up to 64 rows of bf16/fp16 on a
-    GPU, else cuBLAS."""
+    GPU, the batch-invariant GEMM for fp32 on a GPU, else cuBLAS."""
+    if x.is_cuda and x.dtype == torch.float32:
+        return invariant_linear(x, weight, bias, out)
     if bias is None and x.is_cuda and x.dtype in _STREAMED and fits(x, weight):
         return skinny_linear(x, weight, out=out)
     return reference.linear(x, weight, bias, out)
@@ -332,7 +334,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up in the GEMM's epilogue for up to 64 rows on a GPU, else GEMM + silu_and_mul."""
     if x.is_cuda and x.dtype in _STREAMED and fits(x, weight, gate_up=True):
         return skinny_linear(x, weight, gate_up=True)
-    return silu_and_mul(reference.linear(x, weight))
+    return silu_and_mul(linear(x, weight))
 
 
 def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -342,7 +344,8 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
                          scratch: dict | None = None) -> torch.Tensor:
     """`rope_store_kv` then `paged_attention`; a decode step's in one kernel (see
     triton_attention), other steps as the two kernels."""
-    if max_seqlen_q != 1 or q.shape[0] != seq_lens.shape[0]:
+    if max_seqlen_q != 1 or q.shape[0] != seq_lens.shape[0] or q.dtype == torch.float32:
+        # fp32 decodes take the general kernel too: one launch shape for every step (batch invariance)
         rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
         return paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
                                max_seqlen_q, max_seqlen_k)

@@ -144,3 +144,35 @@ def test_mixed_step_graphs_equal_eager_with_chunked_prefill_and_sampling(hf32):
                 assert mixed and all(s.graphed for s in mixed), "every prefill step under the budget replays"
                 assert any(len(s.slots) > 1 and {x.kind for x in s.slots} == {"prefill", "decode"} for s in mixed)
     assert outs[True] == outs[False]
+
+
+def test_one_wrong_carried_over_token_fails_the_overlap_comparison(hf32, monkeypatch):
+    """The exact comparison above can fail: break the carry-over of one token once (its row reads the
+    host's placeholder id instead of the token sampled on the device) and overlap != sync."""
+    import numpy as np
+
+    from workbench.runner import ModelRunner
+
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
+    ps = prompts(8, 6, lo=8, hi=40)
+
+    def run(overlap: bool) -> list[list[int]]:
+        with workbench.Engine(loaded, dtype="float32", device="cuda", num_blocks=256, max_batch=8,
+                              overlap=overlap) as engine:
+            return [o.token_ids for o in engine.generate_batch(ps, max_new_tokens=24, ignore_eos=True,
+                                                                progress=False)]
+
+    sync = run(False)
+    fill, broken = ModelRunner._fill, []
+
+    def fill_with_one_wrong_carry(self, slot, batch, prev):
+        T, B, S, width = fill(self, slot, batch, prev)
+        carry = slot.carry.numpy()[:T]
+        rows = np.flatnonzero(carry >= 0)
+        if not broken and len(rows) and self._next_slot == 1 and len(batch.items) >= 4:
+            carry[rows[-1]] = -1  # that row keeps the placeholder id 0
+            broken.append(batch.items[-1].request.request_id)
+        return T, B, S, width
+
+    monkeypatch.setattr(ModelRunner, "_fill", fill_with_one_wrong_carry)
+    assert run(True) != sync and broken
