@@ -323,3 +323,26 @@ def test_stop_cancels_and_counts_in_flight(echo):
     assert s["cancelled"] >= 5 and s["completed"] + s["errors"] + s["cancelled"] == s["requests"] == len(test.records)
     assert s["requests"] < 200  # no sends after the stop
     assert all(r.end is not None for r in result.records)
+
+
+def test_cli_loadtest_and_compare(echo, tmp_path, capsys):
+    from workbench.cli import main
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["loadtest", "--url", echo, "--num-requests", "20", "--input-len", "8", "--output-len", "4",
+              "--slo-ttft-ms", "5000", "--no-progress"]
+    assert main(common + ["--rate", "100", "--out", str(a), "--label", "slow"]) == 0
+    assert main(common + ["--rate", "400", "--concurrency", "4", "--out", str(b), "--label", "fast"]) == 0
+    out = capsys.readouterr().out
+    assert "Completed:" in out and "Goodput (req/s):" in out
+    assert lab.load_result(a)["summary"]["completed"] == 20
+    assert lab.load_result(b)["spec"]["concurrency"] == 4
+    assert main(["loadtest", "compare", str(a), str(b)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[1:] == ["slow", "fast", "change"] and "request_throughput" in table
+    assert main(common + ["--rate", "100", "--sweep-rates", "50,200", "--out", str(tmp_path / "s.json")]) == 0
+    sweep = json.loads((tmp_path / "s.json").read_text())
+    assert [p["rate"] for p in sweep["points"]] == [50.0, 200.0]
+    assert all(p["summary"]["completed"] == 20 for p in sweep["points"])
+    assert main(["loadtest", "--url", echo, "--sweep", "max_batch", "--no-progress"]) == 2  # bad grid: an error line
+    assert "KNOB=V1,V2" in capsys.readouterr().err

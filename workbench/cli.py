@@ -32,12 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     sub.add_parser("bench", help="our engine vs transformers on the CPU (see workbench.bench)", add_help=False)
     sub.add_parser("serve", help="the live dashboard as a Panel app (see workbench.ui.app)", add_help=False)
+    sub.add_parser("loadtest", help="a load with latency SLOs, sweeps, compare (see workbench.lab.cli)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "bench":
         from .bench import main as bench_main
 
         return bench_main(rest)
+    if args.command == "loadtest":
+        from .lab.cli import main as loadtest_main
+
+        return loadtest_main(rest)
     if args.command == "serve":
         from .ui.app import serve_main
 
