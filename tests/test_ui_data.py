@@ -11,8 +11,6 @@ with each request's output.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from workbench.scheduler import Scheduler
@@ -173,13 +171,10 @@ def test_fold_context_restarts_after_preemption_and_forgets_finished():
     assert ctx == {"b": 7}
 
 
-def test_block_fills_prefers_exact_context_lengths():
+def test_block_fills_fills_every_block_but_the_last():
     rec = _record(0, [("a", 3, "prefill")], {"a": [4, 5, 6]}, 0)
     assert data.block_fills(rec, {"a": 35}, 16) == {4: 16, 5: 16, 6: 3}
-    # a record that carries the context lengths (a proposed telemetry field): the trailing block can even be
-    # empty, as when an overlapped loop records step N after reserving blocks for step N+1
-    exact = SimpleNamespace(block_tables=rec.block_tables, context_lens={"a": 20})
-    assert data.block_fills(exact, {"a": 35}, 16) == {4: 16, 5: 4, 6: 0}
+    assert data.block_fills(rec, {"a": 32}, 16) == {4: 16, 5: 16, 6: 16}
 
 
 def test_column_patch_turns_old_into_new():
@@ -191,16 +186,27 @@ def test_column_patch_turns_old_into_new():
 
 
 def test_spans_and_gpu_busy():
+    from workbench.telemetry import Telemetry, gpu_busy
+
     recs = [_record(i, [("a", 1, "decode")], {"a": [0]}, float(i), schedule_s=0.01, prepare_s=0.02, forward_s=0.05,
                     postprocess_s=0.02) for i in range(3)]
     quads = data.span_quads(recs, 0.0)
     assert quads["phase"] == list(data.PHASES) * 3
     assert quads["ms"][:4] == [10.0, 20.0, 50.0, 20.0]
-    assert data.gpu_busy(recs) is None
+    assert gpu_busy(recs) is None and data.gpu_busy is gpu_busy  # one definition, re-exported for the views
     # overlapping GPU spans (as in an overlapped loop) count once: union [0, 1.05] + [2.0, 2.1] over 0 .. 2.1
     for r, span in zip(recs, [(0.0, 0.6), (0.4, 1.05), (2.0, 2.1)]):
         r.gpu_start, r.gpu_end = span
-    assert data.gpu_busy(recs) == pytest.approx(1.15 / 2.1)
+    assert gpu_busy(recs) == pytest.approx(1.15 / 2.1)
+    # the window is the GPU's (first start to last end), not the host's: host work before the first launch
+    # is not GPU idle time
+    recs[0].gpu_start, recs[1].gpu_start = 0.5, 0.55
+    assert recs[0].t_start == 0.0 and gpu_busy(recs) == pytest.approx((0.55 + 0.1) / 1.6)
+    tel = Telemetry()
+    for r in recs:
+        tel.record_step(r)
+    assert tel.gpu_busy() == gpu_busy(recs) and tel.gpu_busy(last=1) == pytest.approx(1.0)
+    assert data.span_quads(recs, 0.0)["phase"].count("compute") == 3
 
 
 def test_request_colors_are_stable_and_distinct_for_neighbours():

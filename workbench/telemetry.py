@@ -61,12 +61,47 @@ class StepRecord:
 
 @dataclass(slots=True)
 class RequestEvent:
+    """A request milestone. `detail`: a finish reason or error, the live config of a `reconfigured`
+    event, and for `queued` the most tokens the request may hold (prompt + max_new_tokens)."""
+
     seq: int
     time: float
     request_id: str
     kind: EventKind
     step: int
     detail: str = ""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What a reader drains at once: steps and events newer than its cursors, and `now` on their clock."""
+
+    steps: list[StepRecord]
+    events: list[RequestEvent]
+    now: float
+
+
+def gpu_busy(steps: "list[StepRecord] | tuple[StepRecord, ...]") -> float | None:
+    """The one definition of GPU busy: the union of the steps' GPU spans over the window they cover.
+
+    The window runs from the first recorded GPU start to the last GPU end, so host work before the
+    first launch and after the last sync does not count as idle; the union counts overlapping spans
+    (an overlapped loop queues step N+1 before step N ends) once. None when no step recorded a span
+    (a CPU engine), so a CPU never shows a made-up figure.
+    """
+    spans = sorted((r.gpu_start, r.gpu_end) for r in steps if r.gpu_start is not None and r.gpu_end is not None)
+    if not spans:
+        return None
+    window = max(b for _, b in spans) - spans[0][0]
+    if window <= 0:
+        return None
+    busy, cursor = 0.0, spans[0][0]
+    for a, b in spans:
+        a = max(a, cursor)
+        if b > a:
+            busy += b - a
+            cursor = b
+    return busy / window
 
 
 class Telemetry:
@@ -109,13 +144,15 @@ class Telemetry:
         with self._lock:
             return self._steps[-1] if self._steps else None
 
+    def snapshot(self, since_step: int = -1, since_seq: int = -1) -> "Snapshot":
+        """New steps and events, and the time, read under one lock: the views drawn from them agree."""
+        with self._lock:
+            return Snapshot([r for r in self._steps if r.step > since_step],
+                            [e for e in self._events if e.seq > since_seq], time.perf_counter())
+
     def gpu_busy(self, last: int = 200) -> float | None:
-        """Fraction of wall time the GPU was computing over the last `last` steps (None without GPU spans)."""
-        spans = [(r.gpu_start, r.gpu_end) for r in self.steps()[-last:] if r.gpu_start is not None]
-        if len(spans) < 2:
-            return None
-        busy = sum(e - s for s, e in spans)
-        return min(1.0, busy / (spans[-1][1] - spans[0][0]))
+        """`gpu_busy` over the last `last` steps."""
+        return gpu_busy(self.steps()[-last:])
 
     def clear(self) -> None:
         with self._lock:

@@ -1,16 +1,23 @@
 """The live dashboard: one object, shown in a JupyterLab cell or served by `workbench serve`.
 
-The engine appends to its telemetry; the dashboard drains it ~10 times a
-second (`tick`), turns the new records into plot columns with the pure
-functions of `workbench.ui.data`, and applies them with one `stream` or
-`patch` per source inside `pn.io.hold()`. Widget callbacks only move data:
-into `engine.submit / cancel / reconfigure`. Streamed text reaches its output
-pane from an asyncio task on the loop that submitted it (the server's or the
-kernel's); the tick copies it into the pane, so panes update at tick rate too.
+The engine appends to its telemetry; ~10 times a second `tick` takes one
+snapshot of it, asks the pure planner (`workbench.ui.planner.plan`) what to
+draw, and `_apply`s that plan: one `stream`, `patch` or `replace` per source
+inside `pn.io.hold()`, plus texts, axis ranges and widget values.
+
+Nothing here waits on the engine. Widget callbacks only post: a slider posts
+the whole desired config with `engine.reconfigure(wait=False)` (last write
+wins), and the readout shows it as pending until the engine has applied it at
+a step boundary; until then the tick never moves the widgets back to an older
+applied config. Streamed text reaches its output card from an asyncio task on
+the loop that submitted it (the server's or the kernel's); the tick renders it.
 
 A Dashboard holds Bokeh models, which live in one document: display each
 Dashboard once, and make a new one for another view (the server does that
 per browser session).
+
+Panel internals: two remain, both for notebooks, both in the section
+"Panel internals" at the end (Panel has no public API for either).
 """
 
 from __future__ import annotations
@@ -18,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +35,8 @@ from bokeh.models import Div, InlineStyleSheet
 
 from ..config import LIVE_FIELDS
 from ..request import StreamChunk
-from ..telemetry import StepRecord
-from . import data
-from .plots import kv_figure, slot_figure, source, span_figure, timeline_figure
+from . import data, planner
+from .plots import kv_figure, slot_figure, source, span_figure, step_figure, timeline_figure
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -56,6 +60,8 @@ BURST_PROMPTS = (
 )
 # Burst requests ask for different lengths, so short ones finish and make room while long ones stream.
 BURST_LENGTH_FRACTIONS = (1.0, 0.25, 0.5, 0.75, 0.35, 0.9)
+# Widgets of the live config, by field (overlap has its own toggle, live only where the engine supports it).
+SLIDER_FIELDS = ("max_batch", "num_blocks", "token_budget")
 
 CSS = """
 .wb-counters {display:flex; flex-wrap:wrap; gap:6px; font-family:sans-serif;}
@@ -126,8 +132,9 @@ class _Output:
             self.reason, self.error = chunk.finish_reason, chunk.error
         self.version += 1
 
-    def html(self) -> str:
-        state = "streaming" if self.reason is None else self.reason
+    def html(self, live_state: str = "streaming") -> str:
+        """The card; `live_state` (queued / streaming / preempted) labels a request that has not ended."""
+        state = live_state if self.reason is None else self.reason
         err = f" - {html.escape(self.error)}" if self.error else ""
         color = data.request_color(self.request_id)
         return (f'<div class="wb-out" style="border-left-color:{color}" data-rid="{self.request_id}">'
@@ -137,28 +144,21 @@ class _Output:
                 f'<pre data-testid="output-text">{html.escape(self.text)}</pre></div>')
 
 
-class _OneWayColumn(pn.Column):
-    """The dashboard's root layout: in a notebook it ignores the frontend's echo of the plots.
+class _Card:
+    """One output card: the text, a cancel button, and the row holding both (created once, then reused)."""
 
-    Panel 1.9's notebook comm applies each patch from the kernel and then sends the
-    resulting document events back to the kernel. For a streamed or patched source
-    that echo re-appends rows, or lands after a newer patch and reverts it, so the
-    plots drift from telemetry. The plots and texts are driven by the kernel only,
-    so the frontend's changes to them are dropped here; widget events pass through.
-    (A served dashboard talks over Bokeh's websocket protocol, which has no echo.)
-    """
+    __slots__ = ("pane", "cancel", "row", "shown")
 
-    def _on_msg(self, ref: str, manager: Any, msg: Any) -> None:
-        content = msg.get("content") if isinstance(msg, dict) else None
-        one_way = getattr(self, "_one_way_ids", None)
-        if one_way and isinstance(content, dict) and isinstance(content.get("events"), list):
-            content["events"] = [e for e in content["events"]
-                                 if not (isinstance(e, dict) and (e.get("model") or {}).get("id") in one_way)]
-        super()._on_msg(ref, manager, msg)
+    def __init__(self, on_cancel: Any) -> None:
+        self.pane = _Text()
+        self.cancel = pn.widgets.Button(label="cancel", color="light", width=70, height=32)
+        self.cancel.on_click(lambda _e: on_cancel(self))
+        self.row = pn.Row(self.pane.panel, self.cancel, sizing_mode="stretch_width", visible=False)
+        self.shown: tuple[str, int, str] | None = None
 
 
 class Dashboard(pn.viewable.Viewer):
-    """Live view of an engine: batch slots, KV blocks, request timelines, CPU/GPU spans, counters, controls."""
+    """Live view of an engine: batch slots, KV blocks, request timelines, step spans, counters, controls."""
 
     period_ms = param.Integer(default=100, bounds=(20, 5000), doc="How often telemetry is drained (ms).")
 
@@ -166,46 +166,34 @@ class Dashboard(pn.viewable.Viewer):
                  max_outputs: int = 8, max_new_tokens: int = 48, **params: Any) -> None:
         super().__init__(**params)
         self.engine = engine
-        self.window_steps, self.span_steps, self.timeline_rows = window_steps, span_steps, timeline_rows
         self.max_outputs = max_outputs
-        tel = engine.telemetry
-        self._t0 = tel.t0
-        self._last_step = -1
-        self._last_seq = -1
-        self._context: dict[str, int] = {}
-        self._log = data.RequestLog()
-        self._recent: deque[StepRecord] = deque(maxlen=max(span_steps, 64))
-        self._last_record: StepRecord | None = None
-        self._preemptions = 0
+        cfg = engine.config
+        self.options = planner.Options(capacity=engine.capacity, block_size=cfg.block_size,
+                                       device=engine.device.type, t0=engine.telemetry.t0,
+                                       window_steps=window_steps, span_steps=span_steps, timeline_rows=timeline_rows)
+        self.state = planner.new_state(self.options, _live(cfg))
         self._outputs: dict[str, _Output] = {}
-        self._shown_config: tuple | None = None
         self._syncing = False
-        self._rows_shown: tuple[int, ...] = ()
         self._callback: Any = None
-        self._bars_active = False
-        self._bars_at = 0.0
-        self._marks_sent: data.Columns = {}
-        self._kv_resync = False
-        self._kv_key: tuple = ()
         self.ticks = 0
 
-        cfg = engine.config
-        bs, cap = cfg.block_size, engine.capacity
-        self._kv_cols = data.kv_cells(None, cap, bs, {}, cfg.num_blocks)
+        window, _, _ = data.slot_window(-1, cfg.max_batch, window_steps)
         self.sources = {
             "slots": source("slot-cells", data.slot_cells([])),
-            "kv": source("kv-cells", self._kv_cols),
+            "kv": source("kv-cells", self.state.kv_cols),
             "bars": source("timeline-bars", data.timeline_bars([], 0.0, 0.0)),
             "chunks": source("timeline-chunks", data.prefill_chunks([], {}, 0.0)),
             "ticks": source("timeline-ticks", data.token_ticks([], {}, 0.0)),
             "marks": source("timeline-marks", data.timeline_marks([], 0.0)),
             "spans": source("span-quads", data.span_quads([], 0.0)),
+            "steps": source("step-bars", data.step_bars([])),
         }
         s = self.sources
         self.figures = {
-            "slots": slot_figure(s["slots"], window_steps, cfg.max_batch),
-            "kv": kv_figure(s["kv"], cap, bs),
+            "slots": slot_figure(s["slots"], window, cfg.max_batch),
+            "kv": kv_figure(s["kv"], engine.capacity, cfg.block_size),
             "timeline": timeline_figure(s["bars"], s["chunks"], s["ticks"], s["marks"]),
+            "steps": step_figure(s["steps"], span_steps),
             "spans": span_figure(s["spans"]),
         }
         self._build_widgets(max_new_tokens)
@@ -234,29 +222,22 @@ class Dashboard(pn.viewable.Viewer):
         self.policy = pn.widgets.RadioButtonGroup(label="policy", options=["continuous", "static", "sequential"],
                                                   value=cfg.policy)
         self.prefix_caching = pn.widgets.Checkbox(label="prefix caching", value=cfg.prefix_caching)
-        overlap_live = "overlap" in LIVE_FIELDS and engine.device.type == "cuda" and cfg.overlap is not None
-        why = ("sync vs overlapped loop (CPU prepares step N+1 while the GPU runs step N)" if overlap_live else
+        self._overlap_live = "overlap" in LIVE_FIELDS and engine.device.type == "cuda" and cfg.overlap is not None
+        why = ("sync vs overlapped loop (CPU prepares step N+1 while the GPU runs step N)" if self._overlap_live else
                "The overlapped loop needs a CUDA device and an engine built with overlap support; "
                f"this engine runs on {engine.device.type} with overlap={cfg.overlap!r}.")
         self.overlap = pn.widgets.RadioButtonGroup(label="loop", options=["sync", "overlap"],
                                                    value="overlap" if cfg.overlap else "sync",
-                                                   disabled=not overlap_live, description=why)
+                                                   disabled=not self._overlap_live, description=why)
         self.alert = _Text(visible=False)
         self.counters_pane = _Text()
         self.config_pane = _Text()
         self.spans_note = _Text()
-        # A fixed set of output cards, created once: new requests move data into them (newest on top),
-        # so no Panel model is created while the dashboard runs (in a notebook that would also fetch
-        # the new models' stylesheets from a CDN).
-        self._cards = []
-        for i in range(self.max_outputs):
-            pane = _Text()
-            cancel = pn.widgets.Button(label="cancel", color="light", width=70, height=32)
-            cancel.on_click(lambda _e, i=i: self._cancel_card(i))
-            self._cards.append((pane, cancel, pn.Row(pane.panel, cancel, sizing_mode="stretch_width", visible=False)))
-        self._cards_shown: list[tuple[str, int] | None] = [None] * self.max_outputs
-        self.outputs_column = pn.Column(*(c[2] for c in self._cards), sizing_mode="stretch_width", max_height=520,
-                                        scroll=True)
+        # Cards are created up front and reused (newest on top), so a running dashboard rarely creates a
+        # Panel model; the pool grows only when more requests are live than it holds.
+        self._cards: list[_Card] = []
+        self.outputs_column = pn.Column(sizing_mode="stretch_width", max_height=520, scroll=True)
+        self._grow_cards(max(self.max_outputs, 16))
 
         self.submit_button.on_click(lambda _e: self._submit_prompt())
         self.burst_button.on_click(lambda _e: self.burst(self.burst_size.value))
@@ -287,14 +268,26 @@ class Dashboard(pn.viewable.Viewer):
             pn.Row(pn.pane.Bokeh(f["slots"], sizing_mode="stretch_width"),
                    pn.pane.Bokeh(f["kv"], sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             pn.pane.Bokeh(f["timeline"], sizing_mode="stretch_width"),
-            pn.pane.Bokeh(f["spans"], sizing_mode="stretch_width"), self.spans_note.panel,
-            sizing_mode="stretch_width")
+            pn.Row(pn.pane.Bokeh(f["steps"], sizing_mode="stretch_width"),
+                   pn.pane.Bokeh(f["spans"], sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            self.spans_note.panel, sizing_mode="stretch_width")
         layout = _OneWayColumn(title, self.config_pane.panel, pn.Row(controls, plots, sizing_mode="stretch_width"),
                                sizing_mode="stretch_width", min_width=1100)
-        texts = (self.alert, self.counters_pane, self.config_pane, self.spans_note, *(c[0] for c in self._cards))
-        layout._one_way_ids = frozenset(
-            {m.id for fig in self.figures.values() for m in fig.select({"type": Model})} | {t.div.id for t in texts})
+        layout._one_way_ids = self._one_way_ids()
         return layout
+
+    def _one_way_ids(self) -> frozenset[str]:
+        texts = (self.alert, self.counters_pane, self.config_pane, self.spans_note, *(c.pane for c in self._cards))
+        return frozenset({m.id for fig in self.figures.values() for m in fig.select({"type": Model})}
+                         | {t.div.id for t in texts})
+
+    def _grow_cards(self, n: int) -> None:
+        new = [_Card(self._cancel_card) for _ in range(n - len(self._cards))]
+        if new:
+            self._cards.extend(new)
+            self.outputs_column.extend([c.row for c in new])
+            if hasattr(self, "layout"):
+                self.layout._one_way_ids = self._one_way_ids()
 
     def __panel__(self) -> pn.viewable.Viewable:
         self.start()
@@ -321,7 +314,7 @@ class Dashboard(pn.viewable.Viewer):
             self._callback.stop()
             self._callback = None
 
-    # ================================================================ callbacks: move data only
+    # ================================================================ callbacks: post, never wait
     def submit(self, prompt: Any, **sampling: Any) -> "RequestHandle":
         """Submit through the engine and give the request an output card that streams its text.
 
@@ -371,38 +364,75 @@ class Dashboard(pn.viewable.Viewer):
             self._guarded(self.submit, self.prompt.value, max_new_tokens=self.max_new_tokens.value)
 
     def _reconfigure(self, key: str, value: Any) -> None:
-        if self._syncing or getattr(self.engine.config, key, None) == value:
+        """Post the whole desired config (every live widget, `key` at `value`); return at once.
+
+        The whole config, not one field: the engine builds each post from its applied config, so
+        two quick posts of different fields would otherwise undo each other. A KV size below what
+        the largest live request may need is raised to it, with a visible note.
+        """
+        if self._syncing:
             return
-        if self._guarded(self.engine.reconfigure, **{key: value}) is not None:
-            log.info("dashboard: reconfigure %s=%r", key, value)
+        desired = self._desired()
+        desired[key] = value
+        note = None
+        floor, who = data.kv_floor(self.state.log, self.options.block_size)
+        if desired["num_blocks"] < floor:
+            note = (f"usable KV blocks held at {floor}: {who} may grow to {floor} blocks, and a smaller cache "
+                    "could never finish it (preemption cannot help), so the engine would end it with an error")
+            desired["num_blocks"] = floor
+            self._set_widgets({"num_blocks": floor})
+        target = self.state.posted if self.state.posted is not None else _live(self.engine.config)
+        if all(target.get(k) == v for k, v in desired.items()):
+            self._show_alert(note)
+            return
+        new = self._guarded(self.engine.reconfigure, wait=False, **desired)
+        if new is None:
+            return
+        self.state.posted = _live(new)
+        self.config_pane.object = planner.config_html(_live(self.engine.config), self.state.posted,
+                                                      self.options.capacity, self.state.kv_min)
+        self._show_alert(note)
+        log.info("dashboard: posted %s", desired)
+
+    def _desired(self) -> dict[str, Any]:
+        """The live config the widgets show now."""
+        desired: dict[str, Any] = {k: getattr(self, k).value for k in SLIDER_FIELDS}
+        desired["policy"], desired["prefix_caching"] = self.policy.value, self.prefix_caching.value
+        if self._overlap_live:
+            desired["overlap"] = self.overlap.value == "overlap"
+        return desired
 
     def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a submit/reconfigure; a ValueError goes to the alert pane instead of the log."""
         try:
             result = fn(*args, **kwargs)
         except (ValueError, RuntimeError) as exc:
-            self.alert.object = f'<div class="wb-alert" data-testid="alert">{html.escape(str(exc))}</div>'
-            self.alert.visible = True
+            self._show_alert(str(exc))
             return None
-        self.alert.visible = False
+        self._show_alert(None)
         return result
+
+    def _show_alert(self, text: str | None) -> None:
+        if text is not None:
+            self.alert.object = f'<div class="wb-alert" data-testid="alert">{html.escape(text)}</div>'
+        self.alert.visible = text is not None
 
     def _add_output(self, out: _Output) -> None:
         self._outputs[out.request_id] = out
-        for rid in list(self._outputs)[:-self.max_outputs]:
+        ended = [rid for rid, o in self._outputs.items() if o.reason is not None]
+        for rid in ended[:-self.max_outputs]:
             del self._outputs[rid]
 
     def _card_for(self, request_id: str) -> tuple[Any, Any] | None:
         """The (text pane, cancel button) showing a request, if it is on screen."""
-        for (pane, cancel, _row), shown in zip(self._cards, self._cards_shown):
-            if shown is not None and shown[0] == request_id:
-                return pane, cancel
+        for card in self._cards:
+            if card.shown is not None and card.shown[0] == request_id:
+                return card.pane, card.cancel
         return None
 
-    def _cancel_card(self, i: int) -> None:
-        shown = self._cards_shown[i]
-        if shown is not None:
-            self.engine.cancel(shown[0])
+    def _cancel_card(self, card: _Card) -> None:
+        if card.shown is not None:
+            self.engine.cancel(card.shown[0])  # posts; the loop ends it at the next step boundary
 
     @staticmethod
     def _on_done(handle: "RequestHandle", out: _Output) -> None:
@@ -417,163 +447,100 @@ class Dashboard(pn.viewable.Viewer):
         async for chunk in handle.chunks():
             out.add(chunk)
 
-    # ================================================================ the tick: drain, build, apply
+    # ================================================================ the tick: snapshot, plan, apply
     def tick(self) -> None:
-        """Drain new telemetry and update every view: one stream/patch per source, inside one hold."""
-        if not self._comm_ready():
+        """Take one telemetry snapshot, plan the view from it, apply the plan."""
+        if not _notebook_comm_open(self.layout):
             return  # nothing is drained, so nothing is lost: the next tick takes it all
-        tel = self.engine.telemetry
-        now = time.perf_counter()
-        steps = tel.steps(self._last_step)
-        events = tel.events(self._last_seq)
-        first = self._last_step < 0 and self._last_seq < 0
-        if steps:
-            self._last_step = steps[-1].step
-            self._last_record = steps[-1]
-        if events:
-            self._last_seq = events[-1].seq
-        data.fold_context(self._context, steps)
-        data.fold_requests(self._log, events)
-        self._log.prune(4 * self.timeline_rows)
-        self._recent.extend(steps[-self._recent.maxlen:])
-        self._preemptions += sum(len(r.preempted) for r in steps)
-        draw = steps[-self.window_steps:] if first else steps
-        cfg = self.engine.config
-        rows = self._log.recent(self.timeline_rows)
-        by_id = {s.request_id: s for s in rows}
-        t0 = self._t0
-
-        updates: list[tuple[str, str, Any]] = []
-        if draw:
-            updates.append(("slots", "stream", data.slot_cells(draw)))
-            updates.append(("chunks", "stream", data.prefill_chunks(draw, by_id, t0)))
-            updates.append(("spans", "stream", data.span_quads(draw[-self.span_steps:], t0)))
-        kv_key = (self._last_step, cfg.num_blocks)
-        if kv_key != self._kv_key or self._kv_resync:
-            kv_new = data.kv_cells(self._last_record, self.engine.capacity, cfg.block_size, self._context,
-                                   cfg.num_blocks)
-            self._kv_key = kv_key
-        else:
-            kv_new = self._kv_cols
-        patch = data.column_patch(self._kv_cols, kv_new)
-        if patch:
-            self._kv_cols = kv_new
-            updates.append(("kv", "patch", patch))
-            self._kv_resync = True
-        elif self._kv_resync and not steps and self._last_record is not None and now - self._last_record.t_end > 1.0:
-            # The engine has been quiet for a second: send the whole grid once, so a view that
-            # ever missed a patch is exact again (patches carry only changes).
-            self._kv_resync = False
-            updates.append(("kv", "replace", {k: list(v) for k, v in kv_new.items()}))
-        # Bars change shape on request events; while requests run they also grow towards "now",
-        # which is redrawn at ~2 Hz: smooth enough, and a fifth of the serializing.
-        active = any(s.end is None for s in rows)
-        milestones = any(e.kind not in ("token", "first_token") for e in events)
-        if milestones or (self._bars_active and not active) or (active and now - self._bars_at >= 0.5):
-            updates.append(("bars", "replace", data.timeline_bars(rows, t0, now)))
-            self._bars_active, self._bars_at = active, now
-        if events:
-            updates.append(("ticks", "stream", data.token_ticks(
-                [e for e in events if e.request_id in by_id], by_id, t0)))
-        if milestones:
-            marks = data.timeline_marks(rows, t0)
-            if marks != self._marks_sent:
-                updates.append(("marks", "replace", marks))
-                self._marks_sent = marks
-        counters = data.counters(list(self._recent), self._log, self._preemptions, now)
-        if self._last_record is None:
-            counters.free_blocks = counters.num_blocks = cfg.num_blocks
-        busy = data.gpu_busy(list(self._recent)[-self.span_steps:])
-        fwd = data.forward_share(list(self._recent)[-self.span_steps:])
-        config_key = tuple(getattr(cfg, k) for k in LIVE_FIELDS) + (cfg.overlap,)
-
-        with pn.io.hold():
-            for name, op, cols in updates:
-                src = self.sources[name]
-                if op == "stream":
-                    if cols and next(iter(cols.values())):
-                        src.stream(cols, rollover=self._rollover(name))
-                elif op == "patch":
-                    src.patch(cols)
-                else:
-                    src.data = cols
-            self._update_rows(rows)
-            self.counters_pane.object = _counters_html(counters)
-            self.spans_note.object = _spans_html(busy, fwd, self.engine.device.type)
-            if config_key != self._shown_config:
-                self._shown_config = config_key
-                self._sync_config(cfg)
-            self._render_cards()
+        st = self.state
+        snap = self.engine.telemetry.snapshot(st.last_step, st.last_seq)
+        self._apply(planner.plan(st, snap, _live(self.engine.config), self.options))
         self.ticks += 1
-        self._push()
+        _push(self.layout)
 
-    def _render_cards(self) -> None:
-        """Newest request on top; only cards whose request or text changed are touched."""
-        newest = list(reversed(self._outputs.values()))
-        for i, (pane, cancel, row) in enumerate(self._cards):
-            out = newest[i] if i < len(newest) else None
-            key = None if out is None else (out.request_id, out.version)
-            if key == self._cards_shown[i]:
-                continue
-            self._cards_shown[i] = key
-            if out is None:
-                if row.visible:
-                    row.visible = False
-                continue
-            pane.object = out.html()
-            if cancel.disabled != (out.reason is not None):  # Panel parameters cost far more than a compare
-                cancel.disabled = out.reason is not None
-            if not row.visible:
-                row.visible = True
+    def _apply(self, plan: planner.Plan) -> None:
+        """Copy a plan into the models: one stream / patch / replace per source, in one hold."""
+        f = self.figures
+        with pn.io.hold():
+            for u in plan.updates:
+                src = self.sources[u.source]
+                if u.op == "stream":
+                    if u.columns and next(iter(u.columns.values())):
+                        src.stream(u.columns, rollover=u.rollover)
+                elif u.op == "patch":
+                    src.patch(u.columns)
+                else:
+                    src.data = u.columns
+            if plan.slot_view is not None:
+                x0, x1, y0, y1 = plan.slot_view
+                f["slots"].x_range.update(start=x0, end=x1)
+                f["slots"].y_range.update(start=y0, end=y1)
+            if plan.step_view is not None:
+                f["steps"].x_range.update(start=plan.step_view[0], end=plan.step_view[1])
+            if plan.timeline_rows is not None:
+                start, end, ticks, labels = plan.timeline_rows
+                f["timeline"].y_range.update(start=start, end=end)
+                f["timeline"].yaxis.ticker.ticks = ticks
+                f["timeline"].yaxis.major_label_overrides = labels
+            self.counters_pane.object = plan.counters_html
+            self.spans_note.object = plan.spans_html
+            if plan.config_html is not None:
+                self.config_pane.object = plan.config_html
+            if plan.widgets is not None:
+                self._set_widgets(plan.widgets)
+            if plan.kv_min is not None:
+                self.num_blocks.start = min(plan.kv_min, self.num_blocks.value)
+            self._render_cards(plan.states)
 
-    def _comm_ready(self) -> bool:
-        """False while a notebook view's comm is not open yet.
-
-        Panel retries a push whose comm is not open every 0.1 s; several such
-        retries can land out of order, and an out-of-order KV patch would leave
-        the grid wrong. So the dashboard waits for the comm before draining.
-        """
-        for ref in self.layout._models:
-            view = pn.state._views.get(ref)
-            comm = view[3] if view is not None else None
-            if comm is not None and hasattr(comm, "_comm") and not comm._comm:
-                return False
-        return True
-
-    def _rollover(self, name: str) -> int:
-        cap = max(self.engine.config.max_batch, 8)
-        return {"slots": self.window_steps * min(cap, 32), "spans": 5 * self.span_steps,
-                "chunks": 400, "ticks": 4000}.get(name, 2000)
-
-    def _update_rows(self, rows: list[data.RequestSummary]) -> None:
-        shown = tuple(s.row for s in rows)
-        if shown == self._rows_shown or not rows:
-            return
-        self._rows_shown = shown
-        fig = self.figures["timeline"]
-        first, last = rows[0].row, rows[-1].row
-        fig.y_range.update(start=max(last, first + self.timeline_rows - 1) + 0.5, end=first - 0.5)
-        fig.yaxis.ticker.ticks = list(shown)
-        fig.yaxis.major_label_overrides = {s.row: s.request_id for s in rows}
-
-    def _sync_config(self, cfg: Any) -> None:
-        """Show the engine's live config and move the widgets to it (without reconfiguring again)."""
-        self.config_pane.object = _config_html(cfg, self.engine.capacity)
+    def _set_widgets(self, cfg: dict[str, Any]) -> None:
+        """Move the widgets to `cfg` without posting it again."""
         self._syncing = True
         try:
-            for w, v in ((self.max_batch, cfg.max_batch), (self.num_blocks, cfg.num_blocks),
-                         (self.token_budget, cfg.token_budget)):
-                with param.edit_constant(w):  # value_throttled too, or dragging back to it would not fire
-                    w.param.update(value=v, value_throttled=v)
-            self.policy.value = cfg.policy
-            self.prefix_caching.value = cfg.prefix_caching
+            for key in SLIDER_FIELDS:
+                if key in cfg:
+                    w = getattr(self, key)
+                    v = cfg[key]
+                    if w.value != v or w.value_throttled != v:
+                        with param.edit_constant(w):  # value_throttled too, or dragging back to it would not fire
+                            w.param.update(value=v, value_throttled=v)
+            if "policy" in cfg:
+                self.policy.value = cfg["policy"]
+            if "prefix_caching" in cfg:
+                self.prefix_caching.value = cfg["prefix_caching"]
+            if cfg.get("overlap") is not None:
+                self.overlap.value = "overlap" if cfg["overlap"] else "sync"
         finally:
             self._syncing = False
 
-    def _push(self) -> None:
-        """In a notebook, raw Bokeh changes travel only when pushed over the comm; on a server this is a no-op."""
-        if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
-            pn.io.push_notebook(self.layout)
+    def _render_cards(self, states: dict[str, str]) -> None:
+        """Every live request's card (newest on top), then the newest ended; only changed cards are touched."""
+        live = [rid for rid, o in self._outputs.items() if o.reason is None]
+        ended = [rid for rid, o in self._outputs.items() if o.reason is not None]
+        order = data.card_order(live, ended, self.max_outputs)
+        if len(order) > len(self._cards):
+            self._grow_cards(len(order) + 8)
+        for i, card in enumerate(self._cards):
+            out = self._outputs[order[i]] if i < len(order) else None
+            if out is None:
+                card.shown = None
+                if card.row.visible:
+                    card.row.visible = False
+                continue
+            state = states.get(out.request_id, "queued") if out.reason is None else out.reason
+            key = (out.request_id, out.version, state)
+            if key == card.shown:
+                continue
+            card.shown = key
+            card.pane.object = out.html(state)
+            if card.cancel.disabled != (out.reason is not None):  # Panel parameters cost far more than a compare
+                card.cancel.disabled = out.reason is not None
+            if not card.row.visible:
+                card.row.visible = True
+
+
+def _live(cfg: Any) -> dict[str, Any]:
+    """The live fields of an EngineConfig, as a dict."""
+    return {k: getattr(cfg, k) for k in LIVE_FIELDS}
 
 
 def _label(prompt: Any) -> str:
@@ -584,31 +551,46 @@ def _label(prompt: Any) -> str:
     return repr(prompt)[:60]
 
 
-def _counters_html(c: data.Counters) -> str:
-    items = [("running", c.running), ("waiting", c.waiting), ("ended", c.finished),
-             ("tokens/s", f"{c.tokens_per_s:.1f}"), ("free blocks", f"{c.free_blocks}/{c.num_blocks}"),
-             ("step time", "-" if c.step_ms is None else f"{c.step_ms:.0f} ms"), ("step", max(c.step, 0)),
-             ("preemptions", c.preemptions), ("prefix hits", f"{100 * c.prefix_hit_rate:.0f}%")]
-    cells = "".join(f'<div class="wb-counter"><div class="v" data-testid="counter-{k.split()[0].split("/")[0]}">'
-                    f'{v}</div><div class="k">{k}</div></div>' for k, v in items)
-    return f'<div class="wb-counters">{cells}</div>'
+def _push(layout: Any) -> None:
+    """In a notebook, raw Bokeh changes travel only when pushed over the comm; on a server this is a no-op."""
+    if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
+        pn.io.push_notebook(layout)
 
 
-def _config_html(cfg: Any, capacity: int) -> str:
-    parts = [f'max_batch=<b data-testid="cfg-max_batch">{cfg.max_batch}</b>',
-             f'num_blocks=<b data-testid="cfg-num_blocks">{cfg.num_blocks}</b>/{capacity}',
-             f'token_budget=<b data-testid="cfg-token_budget">{cfg.token_budget}</b>',
-             f'policy=<b data-testid="cfg-policy">{cfg.policy}</b>',
-             f'prefix_caching=<b>{cfg.prefix_caching}</b>', f'overlap=<b>{cfg.overlap}</b>']
-    return '<div class="wb-config">engine config: ' + " &middot; ".join(parts) + "</div>"
+# ================================================================ Panel internals (notebook only)
+# Panel 1.9 offers no public API for these two notebook behaviours; both are kept here, and only here.
+def _notebook_comm_open(layout: Any) -> bool:
+    """False while a notebook view's comm is not open yet (always True on a server).
+
+    Panel retries a push whose comm is not open every 0.1 s; several such
+    retries can land out of order, and an out-of-order KV patch would leave
+    the grid wrong. So the dashboard waits for the comm before draining.
+    Private: `Viewable._models`, `pn.state._views` and the comm's `_comm`.
+    """
+    for ref in layout._models:
+        view = pn.state._views.get(ref)
+        comm = view[3] if view is not None else None
+        if comm is not None and hasattr(comm, "_comm") and not comm._comm:
+            return False
+    return True
 
 
-def _spans_html(busy: float | None, fwd: float | None, device: str) -> str:
-    if busy is not None:
-        text = f"GPU busy over the last steps: <b data-testid='gpu-busy'>{100 * busy:.0f}%</b>"
-    else:
-        text = (f"GPU busy: <b data-testid='gpu-busy'>n/a</b> ({device}: no GPU spans recorded; "
-                "the forward runs on the loop thread)")
-    if fwd is not None:
-        text += f" &middot; forward share of step time: <b>{100 * fwd:.0f}%</b>"
-    return f"<span style='font-family:sans-serif;font-size:12px'>{text}</span>"
+class _OneWayColumn(pn.Column):
+    """The dashboard's root layout: in a notebook it ignores the frontend's echo of the plots.
+
+    Panel 1.9's notebook comm applies each patch from the kernel and then sends the
+    resulting document events back to the kernel. For a streamed or patched source
+    that echo re-appends rows, or lands after a newer patch and reverts it, so the
+    plots drift from telemetry. The plots and texts are driven by the kernel only,
+    so the frontend's changes to them are dropped here; widget events pass through.
+    (A served dashboard talks over Bokeh's websocket protocol, which has no echo.)
+    Private: it overrides `_on_msg`, Panel's comm message hook.
+    """
+
+    def _on_msg(self, ref: str, manager: Any, msg: Any) -> None:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        one_way = getattr(self, "_one_way_ids", None)
+        if one_way and isinstance(content, dict) and isinstance(content.get("events"), list):
+            content["events"] = [e for e in content["events"]
+                                 if not (isinstance(e, dict) and (e.get("model") or {}).get("id") in one_way)]
+        super()._on_msg(ref, manager, msg)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from ..telemetry import RequestEvent, StepRecord
+from ..telemetry import RequestEvent, StepRecord, gpu_busy  # noqa: F401  (the one GPU-busy definition)
 
 Columns = dict[str, list]
 
@@ -30,7 +30,7 @@ FREE_COLOR = "#ffffff"
 OFF_COLOR = "#d9d9d9"       # blocks past the usable limit (num_blocks slider)
 PADDING_COLOR = "#bdbdbd"   # static-policy slots held for finished batch members
 PHASE_COLORS = {"schedule": "#9467bd", "prepare": "#ff7f0e", "forward": "#1f77b4",
-                "postprocess": "#2ca02c", "gpu": "#d62728"}
+                "postprocess": "#2ca02c", "compute": "#d62728"}
 PHASES = ("schedule", "prepare", "forward", "postprocess")
 CELL = 0.86  # cell size in grid units, leaving a gap between neighbours
 _TRAILING_INT = re.compile(r"(\d+)$")
@@ -92,21 +92,12 @@ def fold_context(context: dict[str, int], steps: Iterable[StepRecord]) -> dict[s
 def block_fills(record: StepRecord, context: dict[str, int], block_size: int) -> dict[int, int]:
     """Tokens held by each owned block after `record`.
 
-    A request's blocks fill in order, so block i of a request holding n
-    tokens has min(block_size, n - i * block_size) of them. When the record
-    carries the context lengths itself (`context_lens`), those are used;
-    otherwise the folded `context` gives the fill of the last block (all
-    earlier blocks are full).
+    A request's blocks fill in order, so all but its last block are full, and
+    the folded `context` gives the fill of the last one.
     """
-    exact = getattr(record, "context_lens", None)
     fills: dict[int, int] = {}
     for rid, table in record.block_tables.items():
         if not table:
-            continue
-        if exact is not None and rid in exact:
-            n = exact[rid]
-            for i, b in enumerate(table):
-                fills[b] = max(fills.get(b, 0), min(block_size, max(0, n - i * block_size)))
             continue
         for b in table[:-1]:
             fills[b] = block_size
@@ -131,10 +122,6 @@ def grid_shape(capacity: int) -> tuple[int, int]:
     while cols * cols < 2 * capacity:
         cols += 8
     return cols, -(-capacity // cols)
-
-
-KV_COLUMNS = ("block", "x", "y", "owner", "owners", "state", "fill", "fill_frac", "color", "alpha", "line_color",
-              "line_width", "bar_y", "bar_h")
 
 
 @lru_cache(maxsize=8)
@@ -210,6 +197,7 @@ class RequestSummary:
     end: float | None = None
     end_kind: str = ""
     detail: str = ""
+    max_tokens: int | None = None  # prompt + max_new_tokens, from the queued event
 
     @property
     def num_tokens(self) -> int:
@@ -266,6 +254,7 @@ def fold_requests(log: RequestLog, events: Iterable[RequestEvent]) -> RequestLog
             log.next_row += 1
         if e.kind == "queued":
             s.queued = e.time
+            s.max_tokens = int(e.detail) if e.detail.isdigit() else None
         elif e.kind == "scheduled":
             s.scheduled = e.time
         elif e.kind in ("first_token", "token"):
@@ -382,7 +371,11 @@ def prefill_chunks(steps: Iterable[StepRecord], rows: dict[str, RequestSummary],
 
 # ===================================================================== CPU/GPU spans
 def span_quads(steps: Iterable[StepRecord], t0: float) -> Columns:
-    """The loop's CPU phases of each step on lane 0, its GPU span (if recorded) on lane 1; x in seconds."""
+    """The loop's host phases of each step on lane 0, its compute span (GPU or worker, if recorded) on lane 1.
+
+    x is in seconds on the engine's clock, so an overlapped loop shows step N+1's host work beside step N's
+    compute; a sync loop on a CPU records no compute span and lane 1 stays empty.
+    """
     cols: Columns = {k: [] for k in ("left", "right", "bottom", "top", "phase", "color", "step", "ms")}
 
     def add(a: float, b: float, lane: int, phase: str, step: int) -> None:
@@ -401,23 +394,8 @@ def span_quads(steps: Iterable[StepRecord], t0: float) -> Columns:
             add(t, t + dur, 0, phase, r.step)
             t += dur
         if r.gpu_start is not None and r.gpu_end is not None:
-            add(r.gpu_start, r.gpu_end, 1, "gpu", r.step)
+            add(r.gpu_start, r.gpu_end, 1, "compute", r.step)
     return cols
-
-
-def gpu_busy(steps: Sequence[StepRecord]) -> float | None:
-    """Fraction of the steps' wall time the GPU was computing; None when no GPU span was recorded."""
-    spans = [(r.gpu_start, r.gpu_end) for r in steps if r.gpu_start is not None and r.gpu_end is not None]
-    if not spans or not steps:
-        return None
-    wall = steps[-1].t_end - steps[0].t_start
-    busy, cursor = 0.0, float("-inf")
-    for a, b in sorted(spans):  # union of intervals: overlapped steps must not count twice
-        a = max(a, cursor)
-        if b > a:
-            busy += b - a
-            cursor = b
-    return busy / wall if wall > 0 else None
 
 
 def forward_share(steps: Sequence[StepRecord]) -> float | None:
@@ -426,6 +404,92 @@ def forward_share(steps: Sequence[StepRecord]) -> float | None:
         return None
     wall = steps[-1].t_end - steps[0].t_start
     return sum(r.forward_s for r in steps) / wall if wall > 0 else None
+
+
+# ============================================================ per-step milliseconds
+FLOOR_MS = 0.01  # the log axis's floor: a stack starts here, so a 0.05 ms phase still shows as a band
+HOST_FIRST = ("schedule", "prepare", "postprocess", "forward")  # small host phases low, where a log axis widens them
+
+
+def step_bars(steps: Iterable[StepRecord]) -> Columns:
+    """Each step's phases stacked in milliseconds (host bar at step - 0.2) and its compute span (at step + 0.2).
+
+    Meant for a log y axis: on a CPU the forward is ~99% of a step, and on a linear axis the host
+    phases vanish; stacked from a 0.01 ms floor, small phases first, each is a visible band.
+    """
+    cols: Columns = {k: [] for k in ("x", "bottom", "top", "phase", "color", "step", "ms")}
+
+    def add(x: float, bottom: float, top: float, phase: str, step: int, ms: float) -> None:
+        cols["x"].append(x)
+        cols["bottom"].append(bottom)
+        cols["top"].append(top)
+        cols["phase"].append(phase)
+        cols["color"].append(PHASE_COLORS[phase])
+        cols["step"].append(step)
+        cols["ms"].append(round(ms, 3))
+
+    for r in steps:
+        ms = {"schedule": r.schedule_s, "prepare": r.prepare_s, "postprocess": r.postprocess_s, "forward": r.forward_s}
+        y = FLOOR_MS
+        for phase in HOST_FIRST:
+            v = 1e3 * ms[phase]
+            add(r.step - 0.2, y, y + v, phase, r.step, v)
+            y += v
+        if r.gpu_start is not None and r.gpu_end is not None:
+            v = 1e3 * (r.gpu_end - r.gpu_start)
+            add(r.step + 0.2, FLOOR_MS, FLOOR_MS + v, "compute", r.step, v)
+    return cols
+
+
+def host_ms(steps: Sequence[StepRecord]) -> float | None:
+    """Median host work per step (schedule + prepare + postprocess), in ms."""
+    if not steps:
+        return None
+    return 1e3 * sorted(r.schedule_s + r.prepare_s + r.postprocess_s for r in steps)[len(steps) // 2]
+
+
+# ================================================================= live-tuning guards
+def kv_floor(log: RequestLog, block_size: int) -> tuple[int, str | None]:
+    """The fewest usable KV blocks that keep every live request finishable, and the request that sets it.
+
+    A request may hold prompt + max_new_tokens tokens; a cache smaller than that can never finish it
+    (preempting and recomputing does not help), so the engine would end it with an error. Above this
+    floor a shrink only preempts. (1, None) when nothing is live.
+    """
+    floor, who = 1, None
+    for s in log.by_id.values():
+        if s.end is None and s.max_tokens is not None:
+            need = -(-s.max_tokens // block_size)
+            if need > floor:
+                floor, who = need, s.request_id
+    return floor, who
+
+
+def slot_window(last_step: int, max_batch: int, window_steps: int, max_cells: int = 24_000) -> tuple[int, float, float]:
+    """Steps shown and the x range (start, end) of the slot heatmap: never negative, never auto-ranged.
+
+    The window shrinks at large batches so a view of 256 slots stays under `max_cells` cells.
+    """
+    window = max(20, min(window_steps, max_cells // max(1, max_batch)))
+    end = max(last_step, window - 1) + 0.5
+    return window, end - window, end
+
+
+def card_order(live: Sequence[str], ended: Sequence[str], keep_ended: int) -> list[str]:
+    """Which requests get an output card, top to bottom: every live one (newest first), then the newest ended.
+
+    `live` and `ended` are in submission order. A live request's card never drops off; ended ones
+    beyond `keep_ended` do.
+    """
+    return list(reversed(live)) + list(reversed(ended))[:max(0, keep_ended)]
+
+
+def request_state(summary: RequestSummary | None) -> str:
+    """A live request's card label: queued, running or preempted (to recompute)."""
+    if summary is None or summary.scheduled is None:
+        return "queued"
+    status = summary.status
+    return "preempted" if status.startswith("preempted") else "streaming"
 
 
 # ========================================================================= counters
@@ -441,6 +505,7 @@ class Counters:
     step: int = -1
     preemptions: int = 0
     prefix_hit_rate: float = 0.0
+    running_for: float | None = None  # seconds since the last step ended while work is live (a long step)
 
 
 def counters(recent: Sequence[StepRecord], log: RequestLog, preemptions: int, now: float,

@@ -28,20 +28,23 @@ def _style(fig) -> None:
 
 
 def slot_figure(cells: ColumnDataSource, window_steps: int, max_batch: int, height: int = 280):
-    """Heatmap of batch slot x step, coloured by request; prefill chunks pale."""
+    """Heatmap of batch slot x step, coloured by request; prefill chunks pale.
+
+    Both ranges are fixed (the dashboard's planner moves them): slots 0..max_batch-1 top to bottom,
+    and the last `window_steps` steps, never below step 0, so one request does not auto-range to
+    slots -2..2 and 256 slots still fit.
+    """
     fig = figure(title="Batch slots per step (pale = prefill chunk, solid = decode)", tools=TOOLS,
                  height=height, sizing_mode="stretch_width", name="slot-figure",
-                 x_range=DataRange1d(follow="end", follow_interval=window_steps, range_padding=0,
-                                     min_interval=20),
-                 y_range=DataRange1d(flipped=True, range_padding=0, min_interval=max(4, min(max_batch, 16))))
+                 x_range=Range1d(-0.5, window_steps - 0.5), y_range=Range1d(max_batch - 0.5, -0.5))
     # no per-cell hatch patterns: BokehJS builds a canvas per patterned glyph on every update
     fig.rect(x="step", y="slot", width=0.92, height=0.9, source=cells, fill_color="color", fill_alpha="alpha",
-             line_color="color", line_width=1, name="glyph-slot-cells")
+             line_color=None, name="glyph-slot-cells")
     fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("slot", "@slot"), ("request", "@request_id"),
                                       ("kind", "@kind"), ("tokens", "@num_tokens")]))
     fig.xaxis.axis_label = "step"
     fig.yaxis.axis_label = "batch slot"
-    fig.yaxis.ticker = BasicTicker(min_interval=1)
+    fig.yaxis.ticker = BasicTicker(min_interval=1, desired_num_ticks=8)
     fig.xaxis.ticker = BasicTicker(min_interval=1)
     _style(fig)
     return fig
@@ -95,21 +98,44 @@ def timeline_figure(bars: ColumnDataSource, chunks: ColumnDataSource, ticks: Col
 
 
 def span_figure(quads: ColumnDataSource, height: int = 220):
-    """Each step's CPU phases (schedule, prepare, forward, postprocess) and GPU span, on a time axis."""
-    fig = figure(title="CPU / GPU spans of recent steps", tools=TOOLS, height=height, sizing_mode="stretch_width",
-                 name="span-figure", y_range=Range1d(1.6, -0.6), x_range=DataRange1d(range_padding=0.01))
+    """Each step's host phases and its compute span (GPU, or a CPU compute worker) on the engine's clock.
+
+    Two lanes side by side in time: an overlapped loop shows step N+1's host work under step N's
+    compute; a sync loop on a CPU records no compute span, and its host lane is the whole step.
+    """
+    fig = figure(title="Host / compute lanes of recent steps", tools=TOOLS, height=height,
+                 sizing_mode="stretch_width", name="span-figure", y_range=Range1d(1.6, -0.6),
+                 x_range=DataRange1d(range_padding=0.01))
     fig.quad(left="left", right="right", bottom="bottom", top="top", source=quads, fill_color="color",
-             line_color="#ffffff", line_width=0.5, name="glyph-span-quads", legend_field="phase")
+             line_color="#ffffff", line_width=0.5, name="glyph-span-quads")
     fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("phase", "@phase"), ("duration", "@ms ms")]))
     fig.yaxis.ticker = FixedTicker(ticks=[0, 1])
-    fig.yaxis.major_label_overrides = {0: "CPU loop", 1: "GPU"}
+    fig.yaxis.major_label_overrides = {0: "host (loop)", 1: "compute"}
     fig.xaxis.axis_label = "seconds since the engine started"
+    _style(fig)
+    return fig
+
+
+def step_figure(bars: ColumnDataSource, span_steps: int, height: int = 220):
+    """Per-step milliseconds on a log axis: host phases stacked (left bar), compute span (right bar).
+
+    On a CPU the forward is ~99% of a step; on a log axis schedule, prepare and postprocess stay
+    readable beside it.
+    """
+    fig = figure(title="Milliseconds per step (log scale; left = loop phases stacked, right = compute span)",
+                 tools=TOOLS, height=height, sizing_mode="stretch_width", name="step-figure", y_axis_type="log",
+                 x_range=Range1d(-0.5, span_steps - 0.5), y_range=DataRange1d(range_padding=0.1))
+    fig.vbar(x="x", bottom="bottom", top="top", width=0.38, source=bars, fill_color="color", line_color=None,
+             legend_field="phase", name="glyph-step-bars")
+    fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("phase", "@phase"), ("duration", "@ms ms")]))
+    fig.xaxis.axis_label = "step"
+    fig.yaxis.axis_label = "ms"
     fig.legend.orientation = "horizontal"
-    fig.legend.location = "bottom_left"
+    fig.legend.location = "top_left"
     fig.legend.label_text_font_size = "10px"
     fig.legend.background_fill_alpha = 0.6
     _style(fig)
     return fig
 
 
-__all__ = ["source", "slot_figure", "kv_figure", "timeline_figure", "span_figure", "PHASE_COLORS"]
+__all__ = ["source", "slot_figure", "kv_figure", "timeline_figure", "span_figure", "step_figure", "PHASE_COLORS"]
