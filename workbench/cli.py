@@ -1,4 +1,4 @@
-"""`workbench demo | generate | bench`: the engine from a terminal."""
+"""`workbench demo | generate | bench | serve | api | loadtest`: the engine from a terminal."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="the live dashboard as a Panel app (see workbench.ui.app)", add_help=False)
     sub.add_parser("loadtest", help="a load with latency SLOs, sweeps, compare (see workbench.lab.cli)",
                    add_help=False)
+    sub.add_parser("api", help="an OpenAI-compatible HTTP API + /metrics (see workbench.server.run)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "bench":
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from .lab.cli import main as loadtest_main
 
         return loadtest_main(rest)
+    if args.command == "api":
+        from .server.run import api_main
+
+        return api_main(rest)
     if args.command == "serve":
         from .ui.app import serve_main
 
