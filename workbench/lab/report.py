@@ -46,13 +46,14 @@ class LoadResult:
     summary: dict[str, Any]
     records: list[RequestRecord] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    t0: float | None = None  # the run's origin on time.perf_counter: record time + t0 = telemetry time
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "label": self.label,
                 "started_at": dt.datetime.fromtimestamp(self.started_at, dt.timezone.utc).isoformat(),
                 "target": self.target, "config": self.config, "spec": self.spec,
                 "workload": _jsonable(self.workload), "slo": self.slo, "summary": self.summary,
-                "environment": self.environment, "records": [r.as_dict() for r in self.records]}
+                "environment": self.environment, "t0": self.t0, "records": [r.as_dict() for r in self.records]}
 
 
 def _jsonable(obj: Any) -> Any:

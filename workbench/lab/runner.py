@@ -137,7 +137,7 @@ class LoadTest:
             label=self.label, started_at=started_at, target=self.target.describe(), config=config,
             spec=spec.as_dict(), workload=describe(self.workload), slo=self.slo.as_dict(),
             summary=summarize(ended, self.slo, duration_s=self._duration(ended)),
-            records=self.records + self.warmup_records, environment=environment())
+            records=self.records + self.warmup_records, environment=environment(), t0=self.t0)
 
     async def _warmup(self, items: list[WorkItem]) -> None:
         t0 = time.perf_counter()

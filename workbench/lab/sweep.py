@@ -65,6 +65,14 @@ class Sweep:
         return [{**p.config, "rate": p.rate, **{k: metric(p.summary, k) for k in keys}, "pareto": i in front}
                 for i, p in enumerate(self.points)]
 
+    def figure(self, current: dict[str, Any] | None = None, x: str = "itl_ms.p99", y: str = "goodput_rps") -> Any:
+        """The Bokeh Pareto plot of this sweep; `current` (a config dict) is ringed."""
+        from .plots import pareto_columns, pareto_figure
+
+        points, frontier = pareto_columns([p.config for p in self.points], [p.summary for p in self.points],
+                                          current, x, y)
+        return pareto_figure(points, frontier, slo_x=self.slo.itl_p99_ms if x == "itl_ms.p99" else None)
+
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "wall_s": self.wall_s, "restart_s": self.restart_s,
                 "restart_wall_s": self.restart_wall_s, "reconfigure_s": self.reconfigure_s,
