@@ -1,11 +1,17 @@
 """Engine: the continuous-batching loop on one background thread.
 
 Callers never touch engine state directly. `submit` validates and tokenizes
-in the caller's thread, then hands a closure to the loop through an inbox;
-the loop drains the inbox at each step boundary (so submissions, cancels and
-reconfigurations land between steps), schedules, runs the model, appends the
-sampled tokens and pushes each request's chunk to its `RequestHandle` the
-moment its step ends.
+in the caller's thread (inputs.py), then hands a closure to the loop through
+an inbox; the loop drains the inbox at each step boundary (so submissions,
+cancels and reconfigurations land between steps), schedules, runs the model,
+turns the sampled tokens into text and chunks (outputs.py) and pushes each
+request's chunk to its `RequestHandle` the moment its step ends.
+
+Threads (docs/engine_threads.md): every public method may be called from any
+thread, and from an `on_done` callback. No lock is ever held while user code
+runs: callbacks run on the loop thread between steps, after the commands of
+the inbox, with no engine lock held; a call made from a callback posts its
+work (or, for a command, runs it right there at that step boundary).
 """
 
 from __future__ import annotations
@@ -17,18 +23,20 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import torch
 
 from .blocks import BlockManager
 from .config import LIVE_FIELDS, EngineConfig
-from .detokenizer import Detokenizer, detokenizer_factory, push_many
+from .detokenizer import detokenizer_factory
 from .handle import RequestHandle, wake_all
+from .inputs import InputProcessor, check_fits, check_request_id, make_params
 from .loading import LoadedModel, load
 from .openmp import release_idle_workers
+from .outputs import LiveRequest, decode_step, final_output, new_live, take_token
 from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
+from .sampling import derived_seed
 from .runner import InFlight, ModelRunner
 from .scheduler import Batch, Scheduler
 from .telemetry import SlotRecord, StepRecord, Telemetry
@@ -44,28 +52,30 @@ class QueueFullError(ValueError):
     """Raised by submit when `max_queue` requests are already waiting."""
 
 
-@dataclass(slots=True)
-class _Live:
-    """Per-request state the loop keeps beside the scheduler's `Request`."""
-
-    request: Request
-    handle: RequestHandle
-    detok: Detokenizer
-    sent: int = 0  # characters of request.text already streamed
-    hold: int = 0  # characters held back while they could still start a stop string
+_Live = LiveRequest  # per-request state the loop keeps beside the scheduler's `Request` (outputs.py)
 
 
 class Engine:
-    """A running continuous batcher. See README for the API in use."""
+    """A running continuous batcher. See README for the API in use.
+
+    Thread rule (docs/engine_threads.md): every public method is safe from any thread and from an
+    `on_done` callback, and the engine never holds a lock while user code runs: callbacks run on the
+    loop thread between steps, with no lock held. A callback may submit, cancel or reconfigure
+    (on the loop thread a reconfigure applies at once), but must never wait on the engine
+    (`handle.result()`, iterating a handle): the loop that would end the wait is the one running it.
+    """
 
     def __init__(self, model: Any = None, config: EngineConfig | None = None, *, start: bool = True,
                  **overrides: Any) -> None:
         config = (config or EngineConfig()).replace(**overrides)
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r} but no CUDA device is available; use device='cpu' or None")
         dtype = DTYPES[config.dtype] if config.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.loaded: LoadedModel = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device)
         self.loaded.model.place(device, dtype, config.block_weights)  # before sizing the KV cache from free memory
         self.tokenizer = self.loaded.tokenizer
+        self.inputs = InputProcessor(self.tokenizer, self.loaded.config.vocab_size)
         self.new_detokenizer = detokenizer_factory(self.tokenizer)  # one per request, given its prompt ids
         self.device, self.dtype = device, dtype
         num_blocks = config.num_blocks or self._auto_blocks(config)
@@ -95,8 +105,8 @@ class Engine:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
-        self._tok_lock = threading.Lock()
-        self._gate = threading.Lock()  # held while a burst is queued, so it lands at one step boundary
+        self._numbers = itertools.count()  # internal request numbers: unseeded requests' seeds derive from them
+        self._callbacks: list[RequestHandle] = []  # ended requests whose on_done is still to run (loop thread)
         self._thread: threading.Thread | None = None
         self._running = False
         self._step_index = 0
@@ -150,44 +160,70 @@ class Engine:
     # ================================================================ public API
     def submit(self, prompt: Any, *, request_id: str | None = None, params: SamplingParams | None = None,
                on_done: Callable[[RequestHandle], None] | None = None, **sampling: Any) -> RequestHandle:
-        """Validate, tokenize and queue a request; returns at once with its handle."""
+        """Validate, tokenize and queue a request; returns at once with its handle.
+
+        `on_done(handle)` runs on the loop thread once the request has ended, with no lock held: it may
+        call this API (submit, cancel, reconfigure), but must not block on the engine."""
         if not self._running:
             raise RuntimeError("the engine is stopped; call engine.start() first")
         self._yield_cpu_workers()
-        params = _make_params(params, sampling)
+        live = self._prepare(prompt, request_id, params, sampling, on_done)
+        self._enqueue([live])
+        return live.handle
+
+    def submit_many(self, prompts: Sequence[Any], *, on_done: Callable[[RequestHandle], None] | None = None,
+                    **sampling: Any) -> list[RequestHandle]:
+        """Submit a burst that reaches the scheduler at one step boundary.
+
+        Every prompt is validated, tokenized and checked to fit first: one bad prompt raises
+        ValueError and nothing of the burst is submitted."""
+        if not self._running:
+            raise RuntimeError("the engine is stopped; call engine.start() first")
+        if isinstance(prompts, (str, bytes, dict)) or not hasattr(prompts, "__iter__"):
+            raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+        prompts = list(prompts)
+        if "request_id" in sampling:
+            raise ValueError("request_id cannot be given to submit_many (each request gets its own)")
+        self._yield_cpu_workers()
+        params = make_params(sampling.pop("params", None), sampling)
+        lives = [self._prepare(p, None, params, {}, on_done) for p in prompts]
+        self._enqueue(lives)
+        return [live.handle for live in lives]
+
+    def _prepare(self, prompt: Any, request_id: str | None, params: SamplingParams | None,
+                 sampling: dict[str, Any], on_done: Callable[[RequestHandle], None] | None) -> _Live:
+        """Input processing in the caller's thread: params, tokens, fit, the request and its handle."""
+        params = make_params(params, sampling)
+        if on_done is not None and not callable(on_done):
+            raise ValueError(f"on_done must be a callable or None, got {type(on_done).__name__}")
+        rid = check_request_id(request_id) if request_id is not None else f"req-{next(self._ids)}"
         ids = self.tokenize(prompt)
-        self._check_fits(len(ids), params)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if not isinstance(rid, str) or not rid:
-            raise ValueError(f"request_id must be a new non-empty string, got {rid!r}")
+        check_fits(len(ids), params, self.max_model_len, self.blocks.limit)
         request = Request(rid, ids, params)
+        request.seed = params.seed if params.seed is not None else derived_seed(self.config.seed, next(self._numbers))
         request.timings.queued = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        handle = RequestHandle(rid, loop, on_done)
-        live = _Live(request, handle, self.new_detokenizer(ids),
-                     hold=max((len(s) for s in params.stop), default=1) - 1)
-        with self._lock:  # a stop() either comes after this (and ends the request) or made us raise
+        return new_live(request, RequestHandle(rid, loop, on_done), self.new_detokenizer(ids))
+
+    def _enqueue(self, lives: list[_Live]) -> None:
+        """Register validated requests and post them to the loop as one command (one step boundary)."""
+        with self._lock:  # a stop() either comes after this (and ends the requests) or made us raise
             if not self._running:
                 raise RuntimeError("the engine is stopped; call engine.start() first")
-            if rid in self._live:
-                raise ValueError(f"request_id must be a new non-empty string, got {rid!r}")
+            ids = [live.request.request_id for live in lives]
+            taken = [rid for rid in ids if rid in self._live]
+            if taken or len(set(ids)) != len(ids):
+                raise ValueError(f"request_id must be a new non-empty string, got {(taken or ids)[0]!r}")
             queued = self._pending + len(self.scheduler.waiting)
-            if self.config.max_queue is not None and queued >= self.config.max_queue:
+            if self.config.max_queue is not None and queued + len(lives) > self.config.max_queue:
                 raise QueueFullError(f"queue is full: max_queue={self.config.max_queue} requests are already waiting")
-            self._live[rid] = live
-            self._pending += 1
-            self._inbox.put(lambda: self._admit(live))
-        return handle
-
-    def submit_many(self, prompts: Sequence[Any], *, on_done: Callable[[RequestHandle], None] | None = None,
-                    **sampling: Any) -> list[RequestHandle]:
-        """Submit a burst that reaches the scheduler at one step boundary (all validated first)."""
-        ids = [self.tokenize(p) for p in prompts]
-        with self._gate:
-            return [self.submit(i, on_done=on_done, **sampling) for i in ids]
+            for live in lives:
+                self._live[live.request.request_id] = live
+            self._pending += len(lives)
+            self._inbox.put(lambda: self._admit(lives))
 
     async def generate(self, prompt: Any, **sampling: Any) -> RequestOutput:
         """Generate to the end and return text, token ids and timings (await it)."""
@@ -201,13 +237,18 @@ class Engine:
                 yield chunk
         finally:
             if not handle.done:
-                self.cancel(handle.request_id)
+                self._cancel_handle(handle)
 
     def generate_batch(self, prompts: Sequence[Any], *, progress: bool = True, timeout: float | None = None,
                        **sampling: Any) -> list[RequestOutput]:
-        """Blocking convenience for scripts: all prompts at once, results in input order."""
+        """Blocking convenience for scripts: all prompts at once, results in input order.
+
+        On a timeout (or an interrupt) the batch's unfinished requests are cancelled before it raises."""
         from tqdm.auto import tqdm
 
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout >= 0):
+            raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
         finished: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         handles = self.submit_many(prompts, on_done=finished.put, **sampling)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -218,30 +259,54 @@ class Engine:
                 try:
                     finished.get(timeout=wait)
                 except queue.Empty:
-                    raise TimeoutError(f"generate_batch did not finish within {timeout} s") from None
+                    raise TimeoutError(f"generate_batch did not finish within {timeout} s; "
+                                       "its unfinished requests were cancelled") from None
                 if bar is not None:
                     bar.update(1)
+        except BaseException:
+            for handle in handles:
+                if not handle.done:
+                    self._cancel_handle(handle)
+            raise
         finally:
             if bar is not None:
                 bar.close()
         return [h.result() for h in handles]
 
     def cancel(self, request_id: str) -> None:
-        """Cancel a queued or running request; its stream ends with finish_reason 'cancelled'."""
-        self._call(lambda: self._cancel(request_id))
+        """Cancel a queued or running request; its stream ends with finish_reason 'cancelled'.
+
+        The request is the one that holds `request_id` now: if that id is later reused, the new
+        request is not touched by this call."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        live = self._live.get(request_id)
+        if live is not None:
+            self._call(lambda: self._cancel(live))
+
+    def _cancel_handle(self, handle: RequestHandle) -> None:
+        live = self._live.get(handle.request_id)
+        if live is not None and live.handle is handle:
+            self._call(lambda: self._cancel(live))
 
     def reconfigure(self, *, wait: bool = True, **changes: Any) -> EngineConfig:
-        """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy) at the next step.
+        """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy, overlap) at the next step.
 
         With `wait=False` the change is posted and the validated config that will apply is returned at
         once: a UI thread must never wait on the loop. Posts apply in order, so the last one wins;
-        `engine.config` shows the applied config."""
+        `engine.config` shows the applied config. From an `on_done` callback (the loop thread) the
+        change applies at once, at that step boundary."""
         for key in changes:
             if key not in LIVE_FIELDS:
                 raise ValueError(f"{key} cannot change while the engine runs; live fields are {list(LIVE_FIELDS)}")
+        if "num_blocks" in changes:
+            n = changes["num_blocks"]
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.capacity:
+                raise ValueError(f"num_blocks must be an integer in [1, {self.capacity}] (the KV cache allocated "
+                                 f"at start), got {n!r}")
+        if "overlap" in changes and changes["overlap"] is None:
+            changes["overlap"] = self.device.type == "cuda"  # None: the device's default, as at start
         new = self.config.replace(**changes)
-        if not 1 <= new.num_blocks <= self.capacity:
-            raise ValueError(f"num_blocks must be an integer in [1, {self.capacity}], got {new.num_blocks!r}")
         done = threading.Event()
 
         def apply() -> None:
@@ -256,30 +321,9 @@ class Engine:
         return self.config
 
     def tokenize(self, prompt: Any) -> list[int]:
-        """A string, a chat (list of {role, content}) or token ids -> token ids; ValueError on bad input."""
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError("prompt must be a non-empty string")
-            with self._tok_lock:
-                return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            for m in prompt:
-                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError("prompt messages must each have string 'role' and 'content'")
-            if not any(m["content"].strip() for m in prompt):
-                raise ValueError("prompt messages must not all be empty")
-            with self._tok_lock:
-                text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-                return list(self.tokenizer.encode(text, add_special_tokens=False))
-        if isinstance(prompt, (list, tuple)) and prompt and all(type(t) is int for t in prompt):
-            vocab = self.loaded.config.vocab_size
-            if not all(0 <= t < vocab for t in prompt):
-                raise ValueError(f"prompt token ids must be in [0, {vocab - 1}]")
-            return list(prompt)
-        if isinstance(prompt, (list, tuple)) and not prompt:
-            raise ValueError("prompt must not be empty")
-        raise ValueError("prompt must be a string, a list of chat messages ({role, content}) or a list of "
-                         f"token ids, got {type(prompt).__name__}")
+        """A string, a chat (list of {role, content}) or token ids -> token ids; ValueError on bad input
+        (also for a prompt too long to fit this engine, refused before tokenizing)."""
+        return self.inputs.tokenize(prompt, self.max_model_len)
 
     def stats(self) -> dict[str, Any]:
         last = self.telemetry.last_step()
@@ -320,6 +364,8 @@ class Engine:
         """Run fn on the loop thread at the next step boundary (directly if the loop is not running)."""
         if not self._running or threading.current_thread() is self._thread:
             fn()
+            if threading.current_thread() is not self._thread:
+                self._run_callbacks()  # the loop is not running: the caller's thread delivers them
             return
         if not wait:
             self._inbox.put(fn)
@@ -348,6 +394,7 @@ class Engine:
             self._inflight = None
             for live in list(self._live.values()):
                 self._end(live, "error", error=reason)
+            self._run_callbacks()
 
     def _yield_cpu_workers(self) -> None:
         """On a CPU, free this thread's idle OpenMP workers: one thread's team at a time runs unthrottled."""
@@ -355,24 +402,44 @@ class Engine:
             release_idle_workers()
 
     def _drain_inbox(self, block: bool) -> None:
+        """Run the posted commands, then the callbacks of requests that ended meanwhile.
+
+        No lock is held here: a command or a callback may submit, cancel or reconfigure, and
+        what it posts runs in this same drain (a burst is one command, so it lands at one step
+        boundary). Callbacks run after the step that ended their requests, never inside it."""
+        self._run_callbacks()
         try:
             fn = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
-        with self._gate:
-            while True:
-                try:
-                    fn()
-                except Exception:  # noqa: BLE001 - a bad command must not take the loop down
-                    log.exception("an engine command failed")
-                try:
-                    fn = self._inbox.get_nowait()
-                except queue.Empty:
-                    return
+        while True:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a bad command must not take the loop down
+                log.exception("an engine command failed")
+            self._run_callbacks()
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
-    def _admit(self, live: _Live) -> None:
+    def _run_callbacks(self) -> None:
+        """Call the on_done of every request that has ended, with no lock held (loop thread)."""
+        while self._callbacks:
+            handle = self._callbacks.pop(0)
+            try:
+                handle.run_on_done()
+            except Exception:  # noqa: BLE001 - a caller's on_done callback must not hurt the engine
+                log.exception("on_done callback of %s raised", handle.request_id)
+
+    def _admit(self, lives: list[_Live]) -> None:
+        """Hand a submitted burst to the scheduler (those not cancelled before they got here)."""
+        for live in lives:
+            self._admit_one(live)
+
+    def _admit_one(self, live: _Live) -> None:
         request = live.request
-        if request.request_id in self._live:  # else cancelled before it reached the loop
+        if self._live.get(request.request_id) is live:  # else cancelled before it reached the loop
             self.scheduler.add(request)
             self.telemetry.event(request.request_id, "queued", self._step_index, t=request.timings.queued)
         with self._lock:
@@ -394,7 +461,7 @@ class Engine:
                 victims = [live.request for live in list(self._live.values())]  # submit may add meanwhile
             for request in victims:
                 live = self._live.get(request.request_id)
-                if live is not None:
+                if live is not None and live.request is request:  # not a new request that reuses the id
                     self._end(live, "error", error=f"{type(exc).__name__}: {exc}")
 
     def _step(self, batches: list[Batch]) -> None:
@@ -445,12 +512,13 @@ class Engine:
         tokens = self.runner.collect(flight)
         t2 = time.perf_counter()
         finished: list[str] = []
-        # ended while this step ran (cancelled, or a stop seen one step late): their token is discarded
-        kept = [(live, t) for live, t in zip(map(self._live.get, flight.sampled_ids), tokens) if live is not None]
-        try:
-            deltas = push_many([live.detok for live, _ in kept], [t for _, t in kept])
-        except Exception:  # noqa: BLE001 - one bad request must not fail the others: decode one by one
-            deltas = [None] * len(kept)
+        # ended while this step ran (cancelled, or a stop seen one step late): their token is discarded.
+        # Tokens are routed by the very Request object the step ran, never by the caller's id (a cancelled
+        # request's id may already belong to a new request).
+        sampled = [i.request for i in flight.batch.items if i.samples]
+        kept = [(live, t) for live, r, t in zip(map(self._live.get, flight.sampled_ids), sampled, tokens)
+                if live is not None and live.request is r]
+        deltas = decode_step([live for live, _ in kept], [t for _, t in kept])
         self.telemetry.events_at([(live.request.request_id, "token" if live.request.timings.first_token else "first_token")
                                   for live, _ in kept], self._step_index, t2)
         for (live, token), delta in zip(kept, deltas):
@@ -468,67 +536,51 @@ class Engine:
         if self.scheduler.running or not self.scheduler.waiting:
             return
         request = self.scheduler.waiting[0]
-        live = self._live[request.request_id]
+        live = self._live.get(request.request_id)
+        if live is None or live.request is not request:  # cannot happen: a waiting request is live
+            self.scheduler.remove(request)
+            return
         self._end(live, "error", error=(
             f"request needs {request.max_total_tokens()} tokens of KV cache but only "
             f"{self.blocks.limit * self.config.block_size} exist (num_blocks={self.blocks.limit})"))
 
     def _on_token(self, live: _Live, token: int, generated: int, now: float, delta: str | None = None) -> bool:
         """Take in one sampled token (the `generated`-th), stream its text, end the request if it should stop."""
-        request = live.request
-        t = request.timings
-        if t.first_token is None:
-            t.first_token = now
-        t.tokens.append(now)
-        params = request.params
-        old_len = len(request.text)
         try:
-            request.text += live.detok.push(token) if delta is None else delta
+            reason, chunk = take_token(live, token, generated, now, self.loaded.eos_token_ids, delta)
         except Exception as exc:  # noqa: BLE001 - this request's text is broken, not the step
-            log.exception("detokenizing %s failed", request.request_id)
-            self._end(live, "error", error=f"{type(exc).__name__}: {exc}")
+            log.exception("detokenizing %s failed", live.request.request_id)
+            self._end(live, "error", token_ids=[token], error=f"{type(exc).__name__}: {exc}")  # chunks = output
             return True
-        reason = None
-        if not params.ignore_eos and token in self.loaded.eos_token_ids:
-            reason = "stop"
-        elif generated >= params.max_new_tokens:
-            reason = "length"
-        if params.stop and _truncate_at_stop(request, old_len):
-            reason = "stop"
         if reason is not None:
             self._end(live, reason, token_ids=[token])
             return True
-        upto = max(live.sent, len(request.text) - live.hold)
-        live.handle.push(StreamChunk(request.request_id, [token], request.text[live.sent:upto], time=now), wake=False)
-        live.sent = upto
+        live.handle.push(chunk, wake=False)
         return False
 
     def _end(self, live: _Live, reason: str, *, token_ids: list[int] | None = None, error: str | None = None) -> None:
-        """Finish, cancel or fail a request: free its blocks, close its stream with a final chunk."""
+        """Finish, cancel or fail a request: free its blocks, close its stream with a final chunk.
+
+        Its `on_done` runs later, from `_run_callbacks`, outside the step and with no lock held."""
         request = live.request
+        if live.handle.done:
+            return  # ended already (e.g. cancelled and failed in the same step): one final chunk only
         now = time.perf_counter()
         self.scheduler.remove(request)
         request.status = Status.FINISHED
         request.finish_reason, request.error = reason, error
         request.timings.finished = now
         self.runner.release(request.request_id)
-        self._live.pop(request.request_id, None)
+        if self._live.get(request.request_id) is live:  # not a new request that reuses the id
+            del self._live[request.request_id]
         kind = {"cancelled": "cancelled", "error": "error"}.get(reason, "finished")
         self.telemetry.event(request.request_id, kind, self._step_index, detail=error or reason, t=now)
-        request.output_token_ids = [t for t in request.output_token_ids if t != PENDING]
-        output = RequestOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                               request.text, reason, request.timings, error, request.num_preemptions,
-                               request.num_cached_tokens)
-        chunk = StreamChunk(request.request_id, token_ids or [], request.text[live.sent:], True, reason, error, now)
-        live.sent = len(request.text)
-        try:
-            live.handle.push(chunk, output)
-        except Exception:  # noqa: BLE001 - a caller's on_done callback must not fail the step
-            log.exception("on_done callback of %s raised", request.request_id)
+        chunk, output = final_output(live, reason, error, token_ids, now)
+        live.handle.push(chunk, output)
+        self._callbacks.append(live.handle)
 
-    def _cancel(self, request_id: str) -> None:
-        live = self._live.get(request_id)
-        if live is not None:
+    def _cancel(self, live: _Live) -> None:
+        if self._live.get(live.request.request_id) is live:
             self._end(live, "cancelled")
 
     def _apply_config(self, new: EngineConfig) -> None:
@@ -585,13 +637,7 @@ class Engine:
         return max(16, min(MAX_AUTO_BLOCKS, int(free * config.gpu_memory_fraction) // per_block))
 
     def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
-        limit = self.max_model_len
-        if prompt_len + 1 > limit:
-            raise ValueError(f"prompt is {prompt_len} tokens; at most {limit - 1} fit this engine "
-                             f"(model context / KV cache of {self.blocks.limit} blocks)")
-        if prompt_len + params.max_new_tokens > limit:
-            raise ValueError(f"max_new_tokens={params.max_new_tokens} with a {prompt_len}-token prompt exceeds "
-                             f"the {limit}-token limit; max_new_tokens must be <= {limit - prompt_len}")
+        check_fits(prompt_len, params, self.max_model_len, self.blocks.limit)
 
 
 def _freeze_gc() -> None:
@@ -607,25 +653,3 @@ def _freeze_gc() -> None:
     gc.freeze()
     log.info("froze %d objects out of the garbage collector's full passes", gc.get_freeze_count())
 
-
-def _make_params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
-    if params is not None and sampling:
-        raise ValueError("pass either params= or sampling keywords, not both")
-    if params is None:
-        fields = SamplingParams.__dataclass_fields__
-        for key in sampling:
-            if key not in fields:
-                raise ValueError(f"unknown sampling field {key!r}; fields are {sorted(fields)}")
-        params = SamplingParams(**sampling)
-    return params.validate()
-
-
-def _truncate_at_stop(request: Request, old_len: int) -> bool:
-    """Cut the text at the first stop string that the newest text completed."""
-    longest = max(len(s) for s in request.params.stop)
-    window_start = max(0, old_len - longest + 1)
-    hits = [i for i in (request.text.find(s, window_start) for s in request.params.stop) if i >= 0]
-    if not hits:
-        return False
-    request.text = request.text[: min(hits)]
-    return True

@@ -49,8 +49,13 @@ class RequestHandle:
                 self._cond.notify_all()
         if wake:
             wake_all([self])
-        if output is not None and self._on_done is not None:
-            self._on_done(self)
+
+    def run_on_done(self) -> None:
+        """Call the caller's `on_done` once the request has ended. The engine calls this on its loop
+        thread with no lock held and outside any step, so the callback may call the engine's API."""
+        callback, self._on_done = self._on_done, None
+        if callback is not None and self.output is not None:
+            callback(self)
 
     # -------------------------------------------------------- consumer side
     def _drain(self) -> tuple[list[StreamChunk], bool]:

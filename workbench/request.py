@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import enum
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 
 PENDING = -1  # a token sampled by the step still on the GPU; filled in when that step is collected
+MAX_SEED = 2**63 - 1  # seeds are hashed as 64-bit integers (sampling.py)
+MAX_NEW_TOKENS = 10_000_000
+MAX_TEMPERATURE = 1e4  # past this every allowed token is equally likely anyway
+MAX_TOP_K = 2**31 - 1
 
 
 class Status(enum.Enum):
@@ -36,32 +39,54 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        """Normalise `stop` to a tuple when it is a string or a list; `validate` judges the rest
+        (construction never raises, so every bad value gets validate's ValueError)."""
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        self.stop = tuple(self.stop)
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = tuple(self.stop)
 
     def validate(self) -> "SamplingParams":
+        """Check every field; a bad one raises ValueError naming it and its usable range."""
         m = self.max_new_tokens
-        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {m!r}")
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {m!r}")
         t = self.temperature
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not _is_real(t) or not math.isfinite(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a finite number in [0, {MAX_TEMPERATURE}] (0 = greedy), got {t!r}")
         k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off), got {k!r}")
         p = self.top_p
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not _is_real(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {p!r}")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED):
+            raise ValueError(f"seed must be None or an integer in [0, {MAX_SEED}] (0 .. 2**63-1), got {s!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not all(_is_unicode(x) for x in self.stop):
+            raise ValueError("stop must be valid Unicode text (a lone surrogate cannot be encoded)")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text the tokenizer cannot take: a lone surrogate has no UTF-8 encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -143,6 +168,7 @@ class Request:
     error: str | None = None
     timings: Timings = field(default_factory=Timings)
     text: str = ""
+    seed: int | None = None  # the sampling seed: params.seed, or one the engine derived (sampling.derived_seed)
 
     @property
     def num_tokens(self) -> int:

@@ -283,8 +283,7 @@ class ModelRunner:
             slot.consumed = slot.loaded
             slot.consumed.record(self.compute_stream)
             logits = graphs.replay(T, B, S, int(slot.seq_lens.numpy()[:B].max()))
-            greedy = self.sampler.sample(logits, flight.sampled_ids, [i.request.params for i in sampling],
-                                         greedy=self.last_sampled[:S])
+            greedy = self.sampler.sample(logits, sampling, greedy=self.last_sampled[:S])
             sampled = slot.sampled_dev[:S].copy_(greedy)  # a slot buffer: lives as long as the runner
         else:
             self._apply_carry(inputs, carry, prev)
@@ -325,8 +324,7 @@ class ModelRunner:
         if not sampling:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        return self.sampler.sample(logits, [i.request.request_id for i in sampling],
-                                   [i.request.params for i in sampling])
+        return self.sampler.sample(logits, sampling)
 
     def collect(self, flight: InFlight) -> list[int]:
         """The step's sampled tokens on the host, waiting only for that step."""

@@ -1,61 +1,161 @@
-"""Sampler: logits of the sampling rows to one token id each.
+"""Sampler: logits of the sampling rows to one token id each, the same whatever the batch.
 
-Greedy rows take the argmax. The others follow transformers' order of
-warpers — temperature, then top-k, then top-p — and draw with their own
-`torch.Generator` when the request fixed a seed, so a seeded request gives
-the same text whatever else shares its batch.
+A row's draw depends only on its request's seed, the index of the token being
+generated and its own logits row: never on which rows share the batch or in
+what order. The noise is counter-based — a 32-bit integer hash of
+(seed, token index, vocabulary index), computed with plain tensor ops — and a
+token is picked by Gumbel-max: the argmax of logits / T plus Gumbel noise over
+the tokens that top-k and top-p allow, which is an exact draw from
+softmax(logits / T) restricted to that set. There is no generator state, no
+host sync and no Python loop over rows, so `sample_rows` can run on any
+device (and, later, inside a CUDA graph) from per-row tensors.
+
+Greedy rows (temperature 0 or top_k 1) take the argmax. The warpers follow
+transformers' order: temperature, then top-k, then top-p on what top-k kept;
+top_p = 1 cuts nothing (no cumulative sum, so no rounding can cut the tail).
 """
 
 from __future__ import annotations
 
+import hashlib
+from typing import TYPE_CHECKING, Sequence
+
 import torch
 
-from .request import SamplingParams
+from .request import MAX_SEED, Request
+
+if TYPE_CHECKING:
+    from .scheduler import ScheduledItem
+
+_MASK32 = 0xFFFFFFFF
+# odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so int64 never overflows
+_M1, _M2, _M3 = 0x7FEB352D, 0x5BD1E995, 0x27D4EB2D
+_VOCAB_SALT, _SEED_SALT, _COUNTER_SALT = 0x165667B1, 0x2C1B3C6D, 0x61C88647
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash of int64 values in [0, 2**32), in int64 arithmetic kept below 2**63."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _M3) & _MASK32
+    return x ^ (x >> 15)
+
+
+def row_keys(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per row from its seed (0 .. 2**63-1) and the index of the token it generates."""
+    lo, hi = seed & _MASK32, (seed >> 32) & _MASK32
+    key = _mix(lo ^ _SEED_SALT)
+    key = _mix(key ^ hi)
+    return _mix(key ^ ((counter & _MASK32) + _COUNTER_SALT) & _MASK32)
+
+
+def uniforms(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, vocab] float32 uniforms in (0, 1), each a pure function of (seed, counter, vocab index)."""
+    index = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    bits = _mix(row_keys(seed, counter)[:, None] ^ _mix(index + _VOCAB_SALT)[None, :])
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # 24 bits: exact in float32
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                seed: torch.Tensor, counter: torch.Tensor, *, use_top_k: bool = True,
+                use_top_p: bool = True) -> torch.Tensor:
+    """logits [N, V]; per-row temperature, top_k (0 = off), top_p, seed, counter [N] -> token ids [N].
+
+    `use_top_k` / `use_top_p` = False skip a warper for every row (a host-side shortcut when no row
+    uses it; a graph would pass True). Rows with temperature 0 or top_k 1 give the argmax.
+    """
+    x = logits.float()
+    greedy = (temperature <= 0) | (top_k == 1)
+    scaled = x / torch.where(greedy, torch.ones_like(temperature), temperature).to(x.dtype)[:, None]
+    allowed = allowed_tokens(scaled, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
+    noise = -torch.log(-torch.log(uniforms(seed, counter, scaled.shape[-1])))
+    drawn = (scaled + noise).masked_fill(~allowed, float("-inf")).max(dim=-1).indices
+    return torch.where(greedy, x.max(dim=-1).indices, drawn)
+
+
+def allowed_tokens(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *, use_top_k: bool = True,
+                   use_top_p: bool = True) -> torch.Tensor:
+    """[N, V] bool: the tokens top-k, then top-p (on what top-k kept), let each row draw from.
+
+    Top-p keeps the smallest prefix of the sorted tokens whose mass reaches top_p (at least one);
+    a row with top_p >= 1 keeps everything, whatever the rounding of the cumulative sum. Tokens
+    tied with the last kept one are kept too (as transformers' warpers do)."""
+    allowed = torch.ones_like(scaled, dtype=torch.bool)
+    if not (use_top_k or use_top_p):
+        return allowed
+    ordered = scaled.sort(dim=-1, descending=True).values
+    vocab = scaled.shape[-1]
+    if use_top_k:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        ordered = ordered.masked_fill(torch.arange(vocab, device=scaled.device)[None, :] >= k[:, None], float("-inf"))
+        allowed &= scaled >= ordered.gather(1, (k - 1)[:, None])
+    if use_top_p:
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the mass of the better tokens
+        keep = (before < top_p.to(probs.dtype)[:, None]) | (top_p >= 1)[:, None]
+        keep[:, 0] = True
+        last = keep.sum(dim=-1, keepdim=True) - 1  # keep is a prefix of the sorted order
+        allowed &= scaled >= ordered.gather(1, last)
+    return allowed
+
+
+def derived_seed(engine_seed: int, number: int) -> int:
+    """The seed of an unseeded request: a function of the engine's seed and the request's number."""
+    digest = hashlib.blake2b(f"{engine_seed}:{number}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & MAX_SEED
 
 
 class Sampler:
+    """Builds the per-row tensors from the step's sampling items and calls `sample_rows` on them."""
+
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
-        self.default = torch.Generator(device=device).manual_seed(seed)
-        self._seeded: dict[str, torch.Generator] = {}
-
-    def generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
-        if params.seed is None:
-            return self.default
-        g = self._seeded.get(request_id)
-        if g is None:
-            g = self._seeded[request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
-        return g
+        self.seed = seed
 
     def release(self, request_id: str) -> None:
-        self._seeded.pop(request_id, None)
+        """Nothing to free: the sampler keeps no per-request state (kept for the runner's interface)."""
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+    def row_tensors(self, items: Sequence[ScheduledItem]) -> tuple[torch.Tensor, ...]:
+        """temperature, top_k, top_p, seed, counter of each sampling item, on the sampler's device.
+
+        The counter is the index (among the generated tokens) of the token this step samples:
+        the item ends at the request's last known token, so it is `start + num_tokens - prompt
+        length`. It reads only what is fixed once the step is scheduled, so it may run on a
+        compute worker while the loop thread already appends the step's placeholder token."""
+        params = [i.request.params for i in items]
+        seeds = [_seed_of(i.request, self.seed) for i in items]
+        counters = [i.start + i.num_tokens - len(i.request.prompt_token_ids) for i in items]
+        dev = self.device
+        return (torch.tensor([float(p.temperature) for p in params], dtype=torch.float32, device=dev),
+                torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
+                torch.tensor([float(p.top_p) for p in params], dtype=torch.float32, device=dev),
+                torch.tensor(seeds, dtype=torch.int64, device=dev),
+                torch.tensor(counters, dtype=torch.int64, device=dev))
+
+    def sample(self, logits: torch.Tensor, items: Sequence[ScheduledItem],
                greedy: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [N, V] -> token ids [N] (on the logits' device). `greedy`, if given, already
-        holds every row's argmax (a CUDA graph computed it); rows that sample are written into it."""
+        """logits [N, V] of the step's sampling items -> token ids [N] (on the logits' device).
+        `greedy`, if given, already holds every row's argmax (a CUDA graph computed it); rows that
+        sample are written into it."""
         # max's index, as argmax's; ~3x faster on a CPU (49k vocab)
         tokens = logits.max(dim=-1).indices if greedy is None else greedy
-        rows = [i for i, p in enumerate(params) if not p.greedy]
+        rows = [k for k, i in enumerate(items) if not i.request.params.greedy]
         if not rows:
             return tokens
-        probs, order = self._warped_probs(logits[rows].float(), [params[i] for i in rows])
-        for j, i in enumerate(rows):
-            pick = torch.multinomial(probs[j], 1, generator=self.generator(request_ids[i], params[i]))
-            tokens[i] = order[j, pick[0]]
+        chosen = [items[k] for k in rows]
+        temperature, top_k, top_p, seed, counter = self.row_tensors(chosen)
+        picked = sample_rows(logits[rows], temperature, top_k, top_p, seed, counter,
+                             use_top_k=any(i.request.params.top_k > 0 for i in chosen),
+                             use_top_p=any(i.request.params.top_p < 1 for i in chosen))
+        tokens[torch.tensor(rows, device=tokens.device)] = picked
         return tokens
 
-    @staticmethod
-    def _warped_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities over the vocabulary sorted descending, with top-k / top-p cut to zero."""
-        temps = torch.tensor([p.temperature for p in params], device=logits.device)
-        ordered, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-        top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params], device=logits.device)
-        ordered = ordered.masked_fill(ranks >= top_k[:, None], float("-inf"))
-        probs = ordered.softmax(dim=-1)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        beyond = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-        beyond[:, 0] = False
-        probs = probs.masked_fill(beyond, 0.0)
-        return probs / probs.sum(dim=-1, keepdim=True), order
+
+def _seed_of(request: Request, default: int) -> int:
+    """The request's sampling seed: the one the engine fixed at submit, else its own, else the sampler's."""
+    if request.seed is not None:
+        return request.seed
+    return request.params.seed if request.params.seed is not None else default
