@@ -104,7 +104,7 @@ def plan(records: Sequence[RequestRecord], log_: data.RequestLog, t0: float | No
     gantt: data.Columns = {k: [] for k in GANTT_COLUMNS}
     marks: data.Columns = {k: [] for k in ("row", "t", "color", "request", "label")}
     sent = [r for r in records if r.sent is not None and not r.warmup]
-    shown = {r.index for r in sent[-rows:]}
+    shown = _gantt_rows_shown(sent, log_, rows)
     for r in sent:
         s = log_.by_id.get(r.request_id) if r.request_id else None
         first = (s.first_token - origin) if s is not None and s.first_token is not None else r.first_token
@@ -138,6 +138,22 @@ def plan(records: Sequence[RequestRecord], log_: data.RequestLog, t0: float | No
              "preemptions": str(stats.get("preemptions", "-")), "max_batch": str(config.get("max_batch", "-")),
              "token_budget": str(config.get("token_budget", "-")), "state": state}
     return ViewData(tiles, raw, _histogram(ttft_all), _histogram(itl_all), gantt, marks, sorted(shown))
+
+
+def _gantt_rows_shown(sent: Sequence[RequestRecord], log_: data.RequestLog, rows: int) -> set[int]:
+    """The newest requests that started (scheduled or ended), and the oldest few still queued behind them.
+
+    Under overload the newest requests are all still queued: showing only those would hide every
+    decode, so three quarters of the rows go to requests that got into the batch.
+    """
+    def started(r: RequestRecord) -> bool:
+        s = log_.by_id.get(r.request_id) if r.request_id else None
+        return r.end is not None or (s is not None and s.scheduled is not None)
+
+    queued_rows = rows // 4
+    active = [r for r in sent if started(r)]
+    waiting = [r for r in sent if not started(r)]
+    return {r.index for r in active[-(rows - min(queued_rows, len(waiting))):] + waiting[:queued_rows]}
 
 
 def _gantt_rows(gantt: data.Columns, marks: data.Columns, r: RequestRecord, s: data.RequestSummary | None,
