@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             page.goto(url)
             page.get_by_role("button", name="Burst").wait_for(timeout=120_000)
             page.wait_for_timeout(1500)
-            burst_size = page.get_by_role("spinbutton").last  # the N of "Burst x N"
-            burst_size.fill("10")
-            burst_size.press("Enter")
             page.get_by_role("button", name="Burst").click()
+            page.wait_for_timeout(500)
+            page.get_by_role("button", name="Burst").click()  # two bursts: a queue behind a full batch
+            page.mouse.move(1490, 5)  # no tooltip over the controls
             page.wait_for_timeout(args.wait * 1000)
-            page.screenshot(path=args.out / "dashboard-served.png", full_page=True, timeout=180_000)
+            page.screenshot(path=args.out / "dashboard-served.png", timeout=180_000,  # the top: plots and the first cards
+                            clip={"x": 0, "y": 0, "width": 1500, "height": 980}, full_page=True)
             boxes = canvases(page)
             names = ["slots", "kv", "timeline", "steps", "spans"]
             log.info("found %d plot canvases: %s", len(boxes), boxes)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 page.screenshot(path=args.out / "panel-counters.png", full_page=True,
                                 clip={"x": top["x"], "y": max(0, top["y"] - 56), "width": 1500 - top["x"] - 10, "height": 54})
                 page.screenshot(path=args.out / "panel-controls.png", full_page=True,
-                                clip={"x": 0, "y": max(0, top["y"] - 70), "width": max(200, top["x"] - 5), "height": 900})
+                                clip={"x": 0, "y": max(0, top["y"] - 56), "width": max(200, top["x"] - 5), "height": 880})
             browser.close()
     finally:
         server.terminate()
