@@ -8,10 +8,13 @@ CLI or a live `engine.reconfigure(...)`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Policy = Literal["continuous", "static", "sequential"]
+
+_DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?")
 
 # Fields that may change while requests are in flight (applied at a step boundary).
 LIVE_FIELDS = ("max_batch", "num_blocks", "token_budget", "prefix_caching", "policy", "overlap")
@@ -59,8 +62,12 @@ class EngineConfig:
         if self.max_queue is not None:
             _check_int("max_queue", self.max_queue, 1, 10_000_000)
         _check_int("telemetry_steps", self.telemetry_steps, 16, 10_000_000)
-        if not 0.05 <= self.gpu_memory_fraction <= 0.99:
-            raise ValueError(f"gpu_memory_fraction must be in [0.05, 0.99], got {self.gpu_memory_fraction!r}")
+        f = self.gpu_memory_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.05 <= f <= 0.99:
+            raise ValueError(f"gpu_memory_fraction must be a number in [0.05, 0.99], got {f!r}")
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.device is not None and (not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device)):
+            raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self
 
     def replace(self, **changes: Any) -> "EngineConfig":
