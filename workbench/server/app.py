@@ -380,6 +380,7 @@ async def _result_or_disconnect(state: ApiState, handle: RequestHandle, request:
 async def _events(state: ApiState, handle: RequestHandle, shape: p.ResponseShape, prompt_tokens: int,
                   include_usage: bool) -> AsyncIterator[bytes]:
     """The SSE body: chunks as tokens come, the finish, the usage if asked for, then [DONE]."""
+    prefix, suffix = shape.text_events(include_usage)
     try:
         if shape.chat:
             yield p.sse(shape.chunk("", role=True, with_usage_key=include_usage))
@@ -390,7 +391,7 @@ async def _events(state: ApiState, handle: RequestHandle, shape: p.ResponseShape
                 yield p.SSE_DONE
                 return
             if chunk.text:
-                yield p.sse(shape.chunk(chunk.text, with_usage_key=include_usage))
+                yield prefix + json.dumps(chunk.text, ensure_ascii=False).encode() + suffix
             if chunk.finished:
                 yield p.sse(shape.chunk(None if shape.chat else "", p.finish_reason(chunk.finish_reason),
                                         with_usage_key=include_usage))

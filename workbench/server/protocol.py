@@ -338,6 +338,16 @@ class ResponseShape:
             out["usage"] = None
         return out
 
+    def text_events(self, with_usage_key: bool = False) -> tuple[bytes, bytes]:
+        """The bytes before and after a JSON-quoted text in a token's SSE event.
+
+        A stream sends one event per token per request, so its frame is built once and
+        each token only quotes its text (`prefix + json.dumps(text) + suffix`)."""
+        marker = "\x00TEXT\x00"
+        frame = sse(self.chunk(marker, with_usage_key=with_usage_key))
+        prefix, suffix = frame.split(json.dumps(marker).encode(), 1)
+        return prefix, suffix
+
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The last chunk when `stream_options.include_usage`: no choices, the usage."""
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
