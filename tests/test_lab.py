@@ -282,13 +282,14 @@ def echo():
     server.stop()
 
 
-def test_url_target_streams_and_counts_errors(echo, tmp_path):
+@pytest.mark.parametrize("client", ["http11", "httpx"])
+def test_url_target_streams_and_counts_errors(echo, tmp_path, client):
     p = tmp_path / "w.jsonl"
     p.write_text("\n".join(json.dumps(x) for x in (
         {"prompt": "a b c", "max_tokens": 4}, {"prompt": "!400"}, {"prompt": [1, 2, 3], "max_tokens": 2},
         {"prompt": "!cut", "max_tokens": 3})) + "\n")
     spec = lab.LoadSpec(rate=200.0, num_requests=40, seed=1, warmup=2)
-    result = lab.run_load(lab.OpenAITarget(echo), lab.JsonlWorkload(str(p)), spec, progress=False)
+    result = lab.run_load(lab.OpenAITarget(echo, client=client), lab.JsonlWorkload(str(p)), spec, progress=False)
     s = result.summary
     assert (s["requests"], s["completed"], s["errors"], s["cancelled"]) == (40, 20, 20, 0)
     assert any("prompt must not be '!400'" in m for m in s["error_messages"])
@@ -298,7 +299,62 @@ def test_url_target_streams_and_counts_errors(echo, tmp_path):
     assert all(len(r.token_times) == r.output_tokens for r in ok)
     assert all(r.sent <= r.first_token <= r.token_times[-1] <= r.end for r in ok)
     assert sum(r.warmup for r in result.records) == 2
-    assert result.target["model"] == "echo"
+    assert result.target["model"] == "echo" and result.target["client"] == client
+
+
+def test_http11_client_reads_every_body_shape():
+    """Chunked, Content-Length and read-to-close bodies, split lines, keep-alive reuse, and a broken server."""
+    import asyncio
+
+    bodies = {
+        b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab\ncd\r\n3;x=1\r\ne\nf\r\n0\r\n\r\n",
+        b"/length": b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\nX-A: 1\r\n\r\nxy\r\nzw\n",
+        b"/close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nline1\nline2",
+        b"/bad": b"SMTP ready\r\n\r\n",
+    }
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0])
+                await reader.readexactly(length)
+                path = head.split()[1]
+                writer.write(bodies[path])
+                await writer.drain()
+                if path in (b"/close", b"/bad"):
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main():
+        from workbench.lab.http11 import Client, HTTPError
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = Client(f"http://127.0.0.1:{port}", max_connections=4)
+        try:
+            async with client.request("POST", "/chunked", b"{}") as r:
+                assert r.status == 200 and [x async for x in r.lines()] == ["ab", "cde", "f"]
+            async with client.request("POST", "/length", b"{}") as r:
+                assert (r.status, r.headers["x-a"], await r.read()) == (201, "1", b"xy\r\nzw\n")
+            assert len(connections) == 1  # both went over one kept-alive connection
+            async with client.request("POST", "/close", b"") as r:
+                assert [x async for x in r.lines()] == ["line1", "line2"]
+            with pytest.raises(HTTPError, match="not an HTTP/1.1 response"):
+                async with client.request("POST", "/bad", b""):
+                    pass
+            with pytest.raises(ValueError, match="http://host"):
+                Client("https://example.invalid")
+        finally:
+            await client.aclose()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_stop_cancels_and_counts_in_flight(echo):

@@ -10,7 +10,9 @@ without a finish reason: the generator must count both as errors.
 """
 
 
-import json  # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime
+from __future__ import annotations
+
+import json
 import socket
 import threading
 import time
@@ -18,43 +20,56 @@ from typing import Any
 
 
 def build_app(tokens: int = 4, delay_s: float = 0.0) -> Any:
-    """The ASGI app (FastAPI): fixed chunks, optionally `delay_s` apart."""
+    """The ASGI app: fixed chunks, optionally `delay_s` apart. Plain ASGI (no framework), so the endpoint
+    costs as little as uvicorn allows: the generator is what a benchmark against it measures."""
     import asyncio
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    models = json.dumps({"object": "list", "data": [{"id": "echo", "object": "model"}]}).encode()
+    error_400 = json.dumps({"error": {"message": "prompt must not be '!400'", "type": "invalid_request_error",
+                                      "param": "prompt", "code": None}}).encode()
+    chunks = [_sse({"id": "cmpl-echo", "object": "text_completion", "model": "echo",
+                    "choices": [{"index": 0, "text": f" w{i}", "finish_reason": None}]}) for i in range(tokens)]
+    finish = _sse({"id": "cmpl-echo", "object": "text_completion", "model": "echo",
+                   "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
 
-    app = FastAPI()
+    async def reply(send: Any, status: int, body: bytes, kind: bytes = b"application/json") -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": "echo", "object": "model"}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        body = await request.json()
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "GET" and scope["path"] == "/v1/models":
+            await reply(send, 200, models)
+            return
+        if scope["method"] != "POST" or scope["path"] != "/v1/completions":
+            await reply(send, 404, b'{"error": {"message": "not found", "type": "not_found"}}')
+            return
+        raw, more = b"", True
+        while more:
+            message = await receive()
+            raw += message.get("body", b"")
+            more = message.get("more_body", False)
+        body = json.loads(raw)
         prompt = body.get("prompt")
         if prompt == "!400":
-            return JSONResponse({"error": {"message": "prompt must not be '!400'", "type": "invalid_request_error",
-                                           "param": "prompt", "code": None}}, status_code=400)
+            await reply(send, 400, error_400)
+            return
         n = min(int(body.get("max_tokens") or tokens), tokens)
         plen = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
-
-        async def events():
-            for i in range(n):
-                if delay_s:
-                    await asyncio.sleep(delay_s)
-                yield _sse({"id": "cmpl-echo", "object": "text_completion", "model": "echo",
-                            "choices": [{"index": 0, "text": f" w{i}", "finish_reason": None}]})
-            if prompt == "!cut":
-                return
-            yield _sse({"id": "cmpl-echo", "object": "text_completion", "model": "echo",
-                        "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
-            yield _sse({"id": "cmpl-echo", "object": "text_completion", "model": "echo", "choices": [],
-                        "usage": {"prompt_tokens": plen, "completion_tokens": n, "total_tokens": plen + n}})
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        for i in range(n):
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            await send({"type": "http.response.body", "body": chunks[i], "more_body": True})
+        if prompt == "!cut":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        usage = _sse({"id": "cmpl-echo", "object": "text_completion", "model": "echo", "choices": [],
+                      "usage": {"prompt_tokens": plen, "completion_tokens": n, "total_tokens": plen + n}})
+        await send({"type": "http.response.body", "body": finish + usage + b"data: [DONE]\n\n", "more_body": False})
 
     return app
 
@@ -98,3 +113,23 @@ class EchoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m workbench.lab.echo_server --port N`: serve in the foreground (another process than the load)."""
+    import argparse
+
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m workbench.lab.echo_server")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tokens", type=int, default=4)
+    p.add_argument("--delay-s", type=float, default=0.0)
+    args = p.parse_args(argv)
+    uvicorn.run(build_app(args.tokens, args.delay_s), host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False, lifespan="off")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
