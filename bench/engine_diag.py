@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import workbench  # noqa: E402
-from workbench.kernels import triton_attention, triton_ops  # noqa: E402
+from workbench_kernels import triton_attention, triton_ops  # noqa: E402
 
 FUSED = triton_ops.decode_with_rope
 

@@ -31,7 +31,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from workbench.kernels import reference, triton_attention, triton_ops
+from workbench_kernels import torch_backend, triton_attention, triton_ops
 
 GB = 1e9
 
@@ -162,7 +162,7 @@ def attention_rows(case: AttentionCase, gen, configs=(), reference_too: bool = F
                           case.flops(), lambda c=config: triton_attention.paged_attention_with(c, *args[:7])))
     if reference_too:
         rows.append(timed("paged attention", case.shape(), "torch reference (gather + SDPA)",
-                          case.bytes(), case.flops(), lambda: reference.paged_attention(*args)))
+                          case.bytes(), case.flops(), lambda: torch_backend.paged_attention(*args)))
     del q, k_cache, args
     return rows
 

@@ -1,4 +1,4 @@
-"""Triton implementations of every kernel in `reference`, with the same signatures.
+"""Triton implementations of every kernel in `torch_backend`, with the same signatures.
 
 The element-wise kernels here are memory bound: each program handles one token (one row),
 reads its inputs once, computes in fp32 and writes once. Paged attention, the only kernel
@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import Kernels, reference
+from . import torch_backend
 from .launch import pdl, release_next, wait_for_previous
+from .table import Kernels
 from .triton_attention import decode_with_rope, paged_attention, rotate_pair
 from .triton_gemm import fits, invariant_linear, skinny_linear
 
@@ -327,7 +328,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return invariant_linear(x, weight, bias, out)
     if bias is None and x.is_cuda and x.dtype in _STREAMED and fits(x, weight):
         return skinny_linear(x, weight, out=out)
-    return reference.linear(x, weight, bias, out)
+    return torch_backend.linear(x, weight, bias, out)
 
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

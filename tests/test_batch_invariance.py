@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/test_kernels.py: the kernels run interpreted
 
-from workbench.kernels import triton_available
+from workbench_kernels.table import triton_available
 
 CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not (CUDA or triton_available("cpu")),
@@ -33,7 +33,7 @@ def _randn(shape, gen) -> torch.Tensor:
 @needs_triton
 def test_invariant_gemm_matches_float64_with_bias_and_odd_sizes():
     """Correctness first (also under the interpreter): odd M, N, K, a bias, an `out` buffer."""
-    from workbench.kernels.triton_gemm import invariant_linear
+    from workbench_kernels.triton_gemm import invariant_linear
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x, w, b = _randn((5, 72), gen), _randn((40, 72), gen), _randn((40,), gen)
@@ -50,7 +50,7 @@ def test_invariant_gemm_matches_float64_with_bias_and_odd_sizes():
 @pytest.mark.gpu
 def test_invariant_gemm_rows_are_bitwise_equal_at_every_batch_size():
     """Row i of x W^T is the same bits computed with 1, 7, 64, 65 or 300 rows, at any place in a tile."""
-    from workbench.kernels.triton_gemm import invariant_linear
+    from workbench_kernels.triton_gemm import invariant_linear
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     x, w = _randn((300, 576), gen), _randn((1728, 576), gen)
@@ -78,7 +78,7 @@ def _paged(q_lens: list[int], seq_lens: list[int], kv_heads: int, group: int, d:
 
 
 def _attention(q, k, v, cu, lens, tables, max_q: int):
-    from workbench.kernels.triton_attention import paged_attention
+    from workbench_kernels.triton_attention import paged_attention
 
     return paged_attention(q, k, v, cu, lens, tables, 0.125, max_q, int(lens.max()))
 

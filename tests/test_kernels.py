@@ -1,13 +1,15 @@
-"""Every Triton kernel against its torch reference, on fresh random inputs.
+"""Both implementations of every kernel, Triton and the tuned torch backend, against the naive oracle.
 
-Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on small
-shapes; with CUDA the same tests run compiled, and the `gpu`-marked ones add full-size
-shapes, CUDA-graph capture and a no-host-sync check.
+`workbench_kernels.naive` computes each kernel the plainest way, in float64, one request and one
+token at a time; neither implementation shares any code with it. Without CUDA the Triton kernels
+run under Triton's interpreter (TRITON_INTERPRET=1) on small shapes; with CUDA the same tests run
+compiled, and the `gpu`-marked ones add full-size shapes, CUDA-graph capture and a no-host-sync
+check. The torch backend (what the engine runs on a CPU) takes the same cases on the CPU.
 
-Checks follow one rule: ||out - ref|| / ||ref|| within the dtype's tolerance, with the
-reference computed in float64 on upcast inputs; NaN never passes; outputs are poisoned
-(allocations filled with NaN, caches pre-filled with NaN) so an unwritten element fails.
-Each test draws a fresh seed and names it in its failure message.
+Checks follow one rule: ||out - oracle|| / ||oracle|| within the dtype's tolerance; NaN never
+passes; outputs are poisoned (allocations filled with NaN, caches pre-filled with NaN) so an
+unwritten element fails, and the oracle reads only the cache slots a request owns, so a kernel
+that reads another slot fails too. Each test draws a fresh seed and names it in its failure message.
 """
 
 from __future__ import annotations
@@ -30,16 +32,15 @@ if not HAS_CUDA:
 
 pytest.importorskip("triton")
 
-from workbench import kernels  # noqa: E402
-from workbench.kernels import reference  # noqa: E402
+from workbench_kernels import naive, table, torch_backend  # noqa: E402
 
 
 def _load_triton_modules():
     """Import the Triton modules in the mode this process runs them in (see above)."""
-    launch = importlib.import_module("workbench.kernels.launch")
-    attention = importlib.import_module("workbench.kernels.triton_attention")
-    gemm = importlib.import_module("workbench.kernels.triton_gemm")
-    ops = importlib.import_module("workbench.kernels.triton_ops")
+    launch = importlib.import_module("workbench_kernels.launch")
+    attention = importlib.import_module("workbench_kernels.triton_attention")
+    gemm = importlib.import_module("workbench_kernels.triton_gemm")
+    ops = importlib.import_module("workbench_kernels.triton_ops")
     interpreted = type(attention._attention_kernel).__name__ == "InterpretedFunction"
     if not HAS_CUDA and not interpreted:  # imported earlier without the interpreter
         importlib.reload(launch)  # its helpers are called from the kernels: first
@@ -54,6 +55,8 @@ triton_attention, triton_gemm, triton_ops = _load_triton_modules()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+IMPLEMENTATIONS = {"triton": triton_ops, "torch": torch_backend}
+BOTH = pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
@@ -92,33 +95,82 @@ def randn(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, seed: int) -> None:
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert not torch.isnan(out).any(), f"NaN in output (seed {seed})"
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    err = ((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm()).item()
     assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]} (seed {seed})"
+
+
+def assert_same_stores(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, seed: int) -> None:
+    """A cache after a store against the oracle's: NaN (never written) in exactly the same slots,
+    the written slots within tolerance."""
+    out, ref = out.cpu(), ref.cpu()
+    assert torch.equal(out.isnan(), ref.isnan()), f"wrote a skipped slot or missed one (seed {seed})"
+    assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), dtype, seed)
+
+
+# --------------------------------------------------------------------------- the oracle itself
+
+
+def test_naive_attention_by_hand():
+    """The oracle on numbers small enough to check by hand: one request, two positions in two
+    one-slot blocks (stored in reverse order), a decode row that sees both and softmaxes 0 and ln 3."""
+    k_cache = torch.tensor([[[[0.0, 1.0]]], [[[0.0, 0.0]]]])  # block 0 holds position 1, block 1 position 0
+    v_cache = torch.tensor([[[[4.0, 8.0]]], [[[0.0, 4.0]]]])
+    q = torch.tensor([[[0.0, math.log(3.0)]]])
+    out = naive.paged_attention(q, k_cache, v_cache, torch.tensor([0, 1]), torch.tensor([2]),
+                                torch.tensor([[1, 0]]), 1.0)
+    # weights 1/4 and 3/4 on positions 0 and 1: 0.25 * [0, 4] + 0.75 * [4, 8]
+    torch.testing.assert_close(out, torch.tensor([[[3.0, 7.0]]], dtype=torch.float64))
+    causal = naive.paged_attention(torch.cat((q, q)), k_cache, v_cache, torch.tensor([0, 2]), torch.tensor([2]),
+                                   torch.tensor([[1, 0]]), 1.0)
+    torch.testing.assert_close(causal[0], torch.tensor([[0.0, 4.0]], dtype=torch.float64))  # sees position 0 only
+
+
+def test_naive_rope_and_store_by_hand():
+    """A quarter turn: cos 0 and sin 1 at position 1 map (x1, x2) to (-x2, x1); slot 3 of a
+    two-slot-block cache is block 1, offset 1; slot -1 stores nothing."""
+    cos_sin = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # D = 2: position 0 no turn, position 1 a quarter
+    q, k = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[3.0, 5.0]]])
+    q_rot, k_rot = naive.rope(q, k, torch.tensor([1]), cos_sin)
+    assert q_rot.tolist() == [[[-2.0, 1.0]]] and k_rot.tolist() == [[[-5.0, 3.0]]]
+    caches = torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2)  # 2 blocks of 2 slots, 1 head, D = 2
+    k_cache, v_cache = naive.store_kv(torch.ones(2, 1, 2), 2 * torch.ones(2, 1, 2), *caches, torch.tensor([3, -1]))
+    assert k_cache[1, 1].tolist() == [[1.0, 1.0]] and v_cache[1, 1].tolist() == [[2.0, 2.0]]
+    assert k_cache.sum() == 2 and v_cache.sum() == 4  # the padding token went nowhere
+    assert caches[0].sum() == 0  # the inputs are never written
+
+
+def test_naive_q4_1_layout_by_hand():
+    """Byte j of a Q4_1 block holds weight j in its low and weight j + 16 in its high four bits."""
+    qs = torch.tensor([[0x21] + [0] * 15], dtype=torch.uint8)  # weight 0: 1, weight 16: 2, the rest 0
+    scales = torch.tensor([[[0.5, -1.0]]])  # d, m
+    w = naive.dequantize_q4_1(qs, scales)
+    assert w[0, 0] == -0.5 and w[0, 16] == 0.0 and w[0, 1] == -1.0
+    assert naive.dequantize_q8_0(torch.full((1, 32), -3, dtype=torch.int8), torch.tensor([[0.25]]))[0, 5] == -0.75
 
 
 # --------------------------------------------------------------------------- dispatcher
 
 
-def test_select_cpu_gives_torch_references():
-    assert kernels.select("cpu") is kernels.TORCH
-    assert kernels.select("cpu", "torch").rms_norm is reference.rms_norm
+def test_select_cpu_gives_the_torch_backend():
+    assert table.select("cpu") is table.TORCH
+    assert table.select("cpu", "torch").rms_norm is torch_backend.rms_norm
 
 
 def test_select_rejects_unknown_backend():
     with pytest.raises(ValueError):
-        kernels.select("cpu", "cuda")
+        table.select("cpu", "cuda")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter is what runs Triton without CUDA")
 def test_select_cpu_triton_runs_under_interpreter():
-    table = kernels.select("cpu", "triton")
-    assert table.name == "triton"
-    assert table.paged_attention is triton_attention.paged_attention
+    kernels = table.select("cpu", "triton")
+    assert kernels.name == "triton"
+    assert kernels.paged_attention is triton_attention.paged_attention
     assert type(triton_ops._rms_norm_kernel).__name__ == "InterpretedFunction"
 
 
 def test_programmatic_dependent_launch_only_where_it_exists(monkeypatch):
-    from workbench.kernels import launch
+    from workbench_kernels import launch
 
     assert launch.pdl(torch.device("cpu")) == {"USE_PDL": False}  # the interpreter: plain launches
     monkeypatch.setattr(launch, "_device_supports", lambda index: True)  # as on a Hopper GPU
@@ -133,17 +185,19 @@ def test_programmatic_dependent_launch_only_where_it_exists(monkeypatch):
 
 @needs_cuda
 def test_select_cuda_gives_triton():
-    assert kernels.select("cuda").name == "triton"
-    assert kernels.select("cuda", "torch") is kernels.TORCH
+    assert table.select("cuda").name == "triton"
+    assert table.select("cuda", "torch") is table.TORCH
 
 
-def test_kernel_table_matches_reference_signatures():
+def test_kernel_table_signatures_agree():
     import inspect
 
-    for name in kernels.Kernels._fields[1:]:
+    for name in table.Kernels._fields[1:]:
         ours = inspect.signature(getattr(triton_ops.KERNELS, name))
-        theirs = inspect.signature(getattr(reference, name))
+        theirs = inspect.signature(getattr(torch_backend, name))
         assert list(ours.parameters) == list(theirs.parameters), name
+        assert getattr(table.TORCH, name) is getattr(torch_backend, name)
+        assert hasattr(naive, name), f"the oracle has no {name}"
 
 
 # --------------------------------------------------------------------------- GEMMs
@@ -157,12 +211,11 @@ LAYER_GEMMS = [(32, 6144, 4096), (32, 4096, 14336), (64, 960, 576), (64, 576, 15
 def _check_gemm(rows: int, n: int, k: int, dtype, gen, seed, **tiles) -> None:
     x, w = randn((rows, k), dtype, gen), randn((n, k), dtype, gen)
     assert triton_gemm.fits(x, w, **tiles) and triton_gemm.fits(x, w, gate_up=True, **tiles)
-    ref = x.double() @ w.double().t()
+    ref = naive.linear(x, w)
     assert_close(triton_gemm.skinny_linear(x, w, **tiles), ref, dtype, seed)
-    gate, up = ref.chunk(2, dim=-1)
     fused = triton_gemm.skinny_linear(x, w, gate_up=True, **tiles)
     # the kernel rounds gate and up to the dtype before the activation, like GEMM + silu_and_mul
-    assert_close(fused, torch.nn.functional.silu(gate.to(dtype).double()) * up.to(dtype).double(), dtype, seed)
+    assert_close(fused, naive.silu_and_mul(ref.to(dtype)), dtype, seed)
 
 
 @pytest.mark.parametrize("rows,n,k", SMALL_GEMMS)
@@ -170,14 +223,25 @@ def test_skinny_gemm(rows, n, k, gen, seed):
     _check_gemm(rows, n, k, torch.float32, gen, seed, **({} if HAS_CUDA else {"block_n": 16, "block_k": 32}))
 
 
-def test_skinny_gemm_declines_what_it_cannot_take(gen):
+def test_skinny_gemm_declines_what_it_cannot_take(gen, seed):
     w = randn((64, 128), torch.float32, gen)
     assert not triton_gemm.fits(randn((65, 128), torch.float32, gen), w)  # more than 64 rows
     assert not triton_gemm.fits(randn((4, 100), torch.float32, gen), randn((64, 100), torch.float32, gen))
     assert not triton_gemm.fits(randn((4, 256), torch.float32, gen)[:, ::2], w)  # strided K
-    x = randn((4, 128), torch.float32, gen)
-    torch.testing.assert_close(triton_ops.linear(x, w, randn((64,), torch.float32, gen) * 0),
-                               x @ w.t())  # a bias, or a CPU tensor: the reference path
+    x, bias = randn((4, 128), torch.float32, gen), randn((64,), torch.float32, gen)
+    assert_close(triton_ops.linear(x, w, bias), naive.linear(x, w, bias), torch.float32, seed)  # another GEMM
+
+
+@BOTH
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,bias", [(1, False), (5, True), (70, False)])
+def test_linear(impl, rows, bias, dtype, gen, seed):
+    """The table's GEMMs, whichever path each takes for these rows, dtype and device."""
+    ops = IMPLEMENTATIONS[impl]
+    x, w = randn((rows, 64), dtype, gen), randn((96, 64), dtype, gen)
+    b = randn((96,), dtype, gen) if bias else None
+    assert_close(ops.linear(x, w, b), naive.linear(x, w, b), dtype, seed)
+    assert_close(ops.gate_up_silu(x, w), naive.gate_up_silu(x, w), dtype, seed)
 
 
 @gpu
@@ -187,8 +251,8 @@ def test_skinny_gemm_declines_what_it_cannot_take(gen):
 def test_skinny_gemm_layer_shapes(rows, n, k, dtype, gen, seed):
     x, w = (randn((rows, k), torch.float32, gen) * k**-0.5).to(dtype), randn((n, k), dtype, gen)  # no fp16 overflow
     assert triton_gemm.fits(x, w)
-    assert_close(triton_ops.linear(x, w), x.double() @ w.double().t(), dtype, seed)
-    assert_close(triton_ops.gate_up_silu(x, w), reference.gate_up_silu(x.double(), w.double()), dtype, seed)
+    assert_close(triton_ops.linear(x, w), naive.linear(x, w), dtype, seed)
+    assert_close(triton_ops.gate_up_silu(x, w), naive.gate_up_silu(x, w), dtype, seed)
 
 
 # --------------------------------------------------------------------------- RMSNorm
@@ -197,29 +261,30 @@ SMALL_ROWS = [(1, 64), (7, 96), (5, 576)]
 FULL_ROWS = [(1, 4096), (257, 576), (4096, 4096), (33, 8192)]
 
 
-def _check_rms_norm(rows: int, hidden: int, dtype, residual: bool, gen, seed) -> None:
+def _check_rms_norm(ops, rows: int, hidden: int, dtype, residual: bool, gen, seed) -> None:
     x = randn((rows, hidden), dtype, gen)
     w = (1 + 0.1 * randn((hidden,), torch.float32, gen)).to(dtype)
     r = randn((rows, hidden), dtype, gen) if residual else None
-    out, new_res = triton_ops.rms_norm(x, w, 1e-6, r)
+    out, new_res = ops.rms_norm(x, w, 1e-6, r)
+    ref, ref_res = naive.rms_norm(x, w, 1e-6, r)
     if residual:
-        # both sides round the summed stream to the input dtype, so it matches bit for bit,
+        # both implementations round the summed stream to the input dtype, so it matches bit for bit,
         # except under the interpreter, whose fp32 -> bf16 casts truncate instead of rounding
-        if HAS_CUDA or dtype != torch.bfloat16:
+        if HAS_CUDA or ops is torch_backend or dtype != torch.bfloat16:
             assert torch.equal(new_res, x + r)
-        assert_close(new_res, x.double() + r.double(), dtype, seed)
+        assert_close(new_res, ref_res, dtype, seed)
     else:
-        assert new_res is None
-    ref, _ = reference.rms_norm(x.double(), w.double(), 1e-6, None if r is None else r.double())
+        assert new_res is None and ref_res is None
     assert out.dtype == dtype
     assert_close(out, ref, dtype, seed)
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,hidden", SMALL_ROWS)
 @pytest.mark.parametrize("residual", [False, True])
-def test_rms_norm(rows, hidden, dtype, residual, gen, seed):
-    _check_rms_norm(rows, hidden, dtype, residual, gen, seed)
+def test_rms_norm(impl, rows, hidden, dtype, residual, gen, seed):
+    _check_rms_norm(IMPLEMENTATIONS[impl], rows, hidden, dtype, residual, gen, seed)
 
 
 @gpu
@@ -228,14 +293,15 @@ def test_rms_norm(rows, hidden, dtype, residual, gen, seed):
 @pytest.mark.parametrize("rows,hidden", FULL_ROWS)
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm_full(rows, hidden, dtype, residual, gen, seed):
-    _check_rms_norm(rows, hidden, dtype, residual, gen, seed)
+    _check_rms_norm(triton_ops, rows, hidden, dtype, residual, gen, seed)
 
 
-def test_rms_norm_keeps_leading_dims(gen, seed):
+@BOTH
+def test_rms_norm_keeps_leading_dims(impl, gen, seed):
     x = randn((2, 3, 64), torch.float32, gen)
     w = randn((64,), torch.float32, gen)
-    out, res = triton_ops.rms_norm(x, w, 1e-5, x)
-    ref, ref_res = reference.rms_norm(x.double(), w.double(), 1e-5, x.double())
+    out, res = IMPLEMENTATIONS[impl].rms_norm(x, w, 1e-5, x)
+    ref, ref_res = naive.rms_norm(x, w, 1e-5, x)
     assert_close(out, ref, torch.float32, seed)
     assert_close(res, ref_res, torch.float32, seed)
 
@@ -243,29 +309,41 @@ def test_rms_norm_keeps_leading_dims(gen, seed):
 # --------------------------------------------------------------------------- RoPE
 
 
-def _check_rope(tokens: int, q_heads: int, k_heads: int, dim: int, dtype, gen, seed) -> None:
-    max_pos = 4096
-    # q and k as views of one fused projection, the way a model produces them
-    qkv = randn((tokens, (q_heads + 2 * k_heads) * dim), dtype, gen)
-    q = qkv[:, : q_heads * dim].view(tokens, q_heads, dim)
-    k = qkv[:, q_heads * dim : (q_heads + k_heads) * dim].view(tokens, k_heads, dim)
-    v_before = qkv[:, (q_heads + k_heads) * dim :].clone()
-    positions = torch.randint(0, max_pos, (tokens,), generator=gen, device=DEVICE)
+def rope_table(max_pos: int, dim: int) -> torch.Tensor:
+    """cos_sin [max_pos, D] as the model builds it: cos in the first D/2 columns, sin in the last."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
     angles = torch.arange(max_pos, device=DEVICE).float()[:, None] * inv_freq[None, :]
-    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
-    q_ref, k_ref = q.double(), k.double()
-    reference.rope(q_ref, k_ref, positions, cos_sin)
-    triton_ops.rope(q, k, positions, cos_sin)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def split_qkv(t: torch.Tensor, q_heads: int, k_heads: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as views of one fused projection's rows, the way a model produces them."""
+    tokens = t.shape[0]
+    q = t[:, : q_heads * dim].view(tokens, q_heads, dim)
+    k = t[:, q_heads * dim : (q_heads + k_heads) * dim].view(tokens, k_heads, dim)
+    v = t[:, (q_heads + k_heads) * dim :].view(tokens, k_heads, dim)
+    return q, k, v
+
+
+def _check_rope(ops, tokens: int, q_heads: int, k_heads: int, dim: int, dtype, gen, seed) -> None:
+    max_pos = 4096
+    qkv = randn((tokens, (q_heads + 2 * k_heads) * dim), dtype, gen)
+    q, k, v = split_qkv(qkv, q_heads, k_heads, dim)
+    v_before = v.clone()
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen, device=DEVICE)
+    cos_sin = rope_table(max_pos, dim)
+    q_ref, k_ref = naive.rope(q, k, positions, cos_sin)
+    ops.rope(q, k, positions, cos_sin)
     assert_close(q, q_ref, dtype, seed)
     assert_close(k, k_ref, dtype, seed)
-    assert torch.equal(qkv[:, (q_heads + k_heads) * dim :], v_before), "rope wrote outside q, k"
+    assert torch.equal(v, v_before), "rope wrote outside q, k"
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q_heads,k_heads,dim", [(4, 2, 64), (9, 3, 96), (2, 2, 128)])
-def test_rope(q_heads, k_heads, dim, dtype, gen, seed):
-    _check_rope(9, q_heads, k_heads, dim, dtype, gen, seed)
+def test_rope(impl, q_heads, k_heads, dim, dtype, gen, seed):
+    _check_rope(IMPLEMENTATIONS[impl], 9, q_heads, k_heads, dim, dtype, gen, seed)
 
 
 @gpu
@@ -273,17 +351,18 @@ def test_rope(q_heads, k_heads, dim, dtype, gen, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q_heads,k_heads,dim", [(32, 8, 128), (9, 3, 64), (16, 16, 256)])
 def test_rope_full(q_heads, k_heads, dim, dtype, gen, seed):
-    _check_rope(2048, q_heads, k_heads, dim, dtype, gen, seed)
+    _check_rope(triton_ops, 2048, q_heads, k_heads, dim, dtype, gen, seed)
 
 
 # --------------------------------------------------------------------------- SiLU * mul
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2 * 64), (6, 2 * 1536), (2, 3, 2 * 100)])
-def test_silu_and_mul(shape, dtype, gen, seed):
+def test_silu_and_mul(impl, shape, dtype, gen, seed):
     x = randn(shape, dtype, gen)
-    assert_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x.double()), dtype, seed)
+    assert_close(IMPLEMENTATIONS[impl].silu_and_mul(x), naive.silu_and_mul(x), dtype, seed)
 
 
 @gpu
@@ -292,13 +371,13 @@ def test_silu_and_mul(shape, dtype, gen, seed):
 @pytest.mark.parametrize("shape", [(4096, 2 * 14336), (3, 2 * 1536), (1000, 2 * 100)])
 def test_silu_and_mul_full(shape, dtype, gen, seed):
     x = randn(shape, dtype, gen)
-    assert_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x.double()), dtype, seed)
+    assert_close(triton_ops.silu_and_mul(x), naive.silu_and_mul(x), dtype, seed)
 
 
 # --------------------------------------------------------------------------- KV store
 
 
-def _check_store_kv(tokens: int, heads: int, dim: int, block_size: int, dtype, gen) -> None:
+def _check_store_kv(ops, tokens: int, heads: int, dim: int, block_size: int, dtype, gen) -> None:
     num_blocks = 2 * tokens // block_size + 2
     slots = torch.randperm(num_blocks * block_size, generator=gen, device=DEVICE)[:tokens]
     slots[torch.rand(tokens, generator=gen, device=DEVICE) < 0.25] = -1  # padding tokens
@@ -306,20 +385,21 @@ def _check_store_kv(tokens: int, heads: int, dim: int, block_size: int, dtype, g
     kv = randn((tokens, 2 * heads * dim), dtype, gen)
     k = kv[:, : heads * dim].view(tokens, heads, dim)
     v = kv[:, heads * dim :].view(tokens, heads, dim)
-    caches = [torch.full((num_blocks, block_size, heads, dim), float("nan"), dtype=dtype,
-                         device=DEVICE) for _ in range(4)]
-    triton_ops.store_kv(k, v, caches[0], caches[1], slots)
-    reference.store_kv(k, v, caches[2], caches[3], slots)
-    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+    k_cache, v_cache = (torch.full((num_blocks, block_size, heads, dim), float("nan"), dtype=dtype, device=DEVICE)
+                        for _ in range(2))
+    k_ref, v_ref = naive.store_kv(k, v, k_cache, v_cache, slots)
+    ops.store_kv(k, v, k_cache, v_cache, slots)
+    for ours, ref in ((k_cache, k_ref), (v_cache, v_ref)):
         assert torch.equal(ours.isnan(), ref.isnan()), "wrote a skipped slot or missed one"
-        assert torch.equal(ours.nan_to_num(0.0), ref.nan_to_num(0.0))
+        assert torch.equal(ours.nan_to_num(0.0), ref.nan_to_num(0.0))  # a store is a copy: bit for bit
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", [1, 16, 64])
 @pytest.mark.parametrize("heads,dim", [(2, 64), (3, 96)])
-def test_store_kv(heads, dim, block_size, dtype, gen):
-    _check_store_kv(37, heads, dim, block_size, dtype, gen)
+def test_store_kv(impl, heads, dim, block_size, dtype, gen):
+    _check_store_kv(IMPLEMENTATIONS[impl], 37, heads, dim, block_size, dtype, gen)
 
 
 @gpu
@@ -327,29 +407,48 @@ def test_store_kv(heads, dim, block_size, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", [1, 16, 64, 256])
 def test_store_kv_full(block_size, dtype, gen):
-    _check_store_kv(4096, 8, 128, block_size, dtype, gen)
+    _check_store_kv(triton_ops, 4096, 8, 128, block_size, dtype, gen)
+
+
+def test_torch_backend_stores_into_the_engines_cache_layout(gen, seed):
+    """The engine's cache is one tensor [layers, 2, blocks, ...] and k, v sit side by side in the
+    qkv rows: the torch backend then stores both with one copy and gathers both with one index.
+    Same bytes as the oracle's two plain stores, and its gather reads what was stored."""
+    tokens, heads, dim, blocks, block_size = 11, 3, 8, 12, 4
+    planes = randn((4, 2, blocks, block_size, heads, dim), torch.float32, gen)  # layers, K/V, ...
+    qkv = randn((tokens, 4 * heads * dim), torch.float32, gen)
+    _, k, v = split_qkv(qkv, 2 * heads, heads, dim)
+    assert torch_backend._kv_planes(planes[2, 0], planes[2, 1]) is not None
+    assert torch_backend._stacked(k, v) is not None
+    slots = torch.randperm(blocks * block_size, generator=gen, device=DEVICE)[:tokens]
+    slots[3] = -1
+    k_ref, v_ref = naive.store_kv(k, v, planes[2, 0], planes[2, 1], slots)
+    others = planes[[0, 1, 3]].clone()
+    torch_backend.store_kv(k, v, planes[2, 0], planes[2, 1], slots)
+    assert torch.equal(planes[2, 0], k_ref) and torch.equal(planes[2, 1], v_ref), f"seed {seed}"
+    assert torch.equal(planes[[0, 1, 3]], others), f"wrote into another layer (seed {seed})"
+    index = torch.randint(0, blocks, (7,), generator=gen, device=DEVICE)
+    for got, want in zip(torch_backend._gather_kv_blocks(planes[2, 0], planes[2, 1], index), (k_ref, v_ref)):
+        assert torch.equal(got, want[index]), f"seed {seed}"
+    assert torch_backend._kv_planes(planes[2, 1], planes[2, 0]) is None  # reversed: not K then V
 
 
 # --------------------------------------------------------------------------- RoPE + KV store, fused
 
 
-def _check_rope_store_kv(tokens: int, q_heads: int, k_heads: int, dim: int, block_size: int, dtype, gen,
+def _check_rope_store_kv(ops, tokens: int, q_heads: int, k_heads: int, dim: int, block_size: int, dtype, gen,
                          seed) -> None:
-    """The fused kernel against the two Triton kernels it replaces (same rounding, so bitwise
-    on the GPU) and against the reference in float64."""
+    """The fused operation against the oracle in float64, and, for Triton on the GPU, bitwise
+    against the two kernels it replaces (the same rounding)."""
     max_pos, num_blocks = 4096, 2 * tokens // block_size + 2
     qkv = randn((tokens, (q_heads + 2 * k_heads) * dim), dtype, gen)
-    angles = torch.arange(max_pos, device=DEVICE).float()[:, None] / (
-        10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))[None, :]
-    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    cos_sin = rope_table(max_pos, dim)
     positions = torch.randint(0, max_pos, (tokens,), generator=gen, device=DEVICE)
     slots = torch.randperm(num_blocks * block_size, generator=gen, device=DEVICE)[:tokens]
     slots[torch.rand(tokens, generator=gen, device=DEVICE) < 0.25] = -1
 
-    def run(fused: bool, t: torch.Tensor, ops) -> list[torch.Tensor]:
-        q = t[:, : q_heads * dim].view(tokens, q_heads, dim)
-        k = t[:, q_heads * dim : (q_heads + k_heads) * dim].view(tokens, k_heads, dim)
-        v = t[:, (q_heads + k_heads) * dim :].view(tokens, k_heads, dim)
+    def run(fused: bool, t: torch.Tensor) -> list[torch.Tensor]:
+        q, k, v = split_qkv(t, q_heads, k_heads, dim)
         caches = [torch.full((num_blocks, block_size, k_heads, dim), float("nan"), dtype=t.dtype, device=DEVICE)
                   for _ in range(2)]
         if fused:
@@ -357,21 +456,25 @@ def _check_rope_store_kv(tokens: int, q_heads: int, k_heads: int, dim: int, bloc
         else:
             ops.rope(q, k, positions, cos_sin)
             ops.store_kv(k, v, *caches, slots)
-        return [t, *caches]
+        return [q, k, v, *caches]
 
-    fused, split = run(True, qkv.clone(), triton_ops), run(False, qkv.clone(), triton_ops)
-    ref = run(True, qkv.double(), reference)
+    q, k, v = split_qkv(qkv, q_heads, k_heads, dim)
+    nan_caches = [torch.full((num_blocks, block_size, k_heads, dim), float("nan"), dtype=torch.float64,
+                             device=DEVICE) for _ in range(2)]
+    ref = [*naive.rope_store_kv(q, k, v, positions, cos_sin, *nan_caches, slots)]
+    ref.insert(2, v.double())  # q, k, v, k_cache, v_cache
+    fused, split = run(True, qkv.clone()), run(False, qkv.clone())
     for a, b, r in zip(fused, split, ref):
-        assert torch.equal(a.isnan(), r.isnan()), f"wrote a skipped slot or missed one (seed {seed})"
-        assert_close(a.nan_to_num(0.0), r.nan_to_num(0.0), dtype, seed)
-        if HAS_CUDA:
+        assert_same_stores(a, r, dtype, seed)
+        if HAS_CUDA and ops is triton_ops:
             assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), f"fused != rope + store_kv (seed {seed})"
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q_heads,k_heads,dim,block_size", [(4, 2, 64, 16), (9, 3, 96, 7), (2, 2, 128, 1)])
-def test_rope_store_kv(q_heads, k_heads, dim, block_size, dtype, gen, seed):
-    _check_rope_store_kv(13, q_heads, k_heads, dim, block_size, dtype, gen, seed)
+def test_rope_store_kv(impl, q_heads, k_heads, dim, block_size, dtype, gen, seed):
+    _check_rope_store_kv(IMPLEMENTATIONS[impl], 13, q_heads, k_heads, dim, block_size, dtype, gen, seed)
 
 
 @gpu
@@ -379,7 +482,7 @@ def test_rope_store_kv(q_heads, k_heads, dim, block_size, dtype, gen, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q_heads,k_heads,dim", [(32, 8, 128), (9, 3, 64)])
 def test_rope_store_kv_full(q_heads, k_heads, dim, dtype, gen, seed):
-    _check_rope_store_kv(2048, q_heads, k_heads, dim, 16, dtype, gen, seed)
+    _check_rope_store_kv(triton_ops, 2048, q_heads, k_heads, dim, 16, dtype, gen, seed)
 
 
 # --------------------------------------------------------------------------- paged attention
@@ -403,11 +506,9 @@ class Batch:
         return (self.q, self.k_cache, self.v_cache, self.cu_seqlens_q, self.seq_lens,
                 self.block_tables, self.scale, self.max_seqlen_q, self.max_seqlen_k)
 
-    def reference(self) -> torch.Tensor:
-        """float64 reference; the NaN that poisons unused cache slots is never attended."""
-        k = self.k_cache.double().nan_to_num(0.0)
-        v = self.v_cache.double().nan_to_num(0.0)
-        return reference.paged_attention(self.q.double(), k, v, *self.args()[3:])
+    def oracle(self) -> torch.Tensor:
+        """The float64 result; it reads only the slots each request owns, never the poisoned ones."""
+        return naive.paged_attention(*self.args()[:7])
 
 
 def ragged_lengths(mode: str, num_seqs: int, max_len: int, gen) -> tuple[list[int], list[int]]:
@@ -428,11 +529,12 @@ def ragged_lengths(mode: str, num_seqs: int, max_len: int, gen) -> tuple[list[in
 
 
 def make_batch(q_lens: list[int], seq_lens: list[int], num_kv_heads: int, group: int,
-               head_dim: int, block_size: int, dtype: torch.dtype, gen) -> Batch:
+               head_dim: int, block_size: int, dtype: torch.dtype, gen, unused: float = float("nan")) -> Batch:
     """Scatter each request's blocks at random, poison every unused cache slot with NaN, and
     fill the block-table entries past a request's last block with -1 (even requests) or with
     random blocks (odd ones: other requests' or NaN-poisoned spares), which a kernel that
-    read them would turn into a wrong or NaN result."""
+    read them would turn into a wrong or NaN result. The torch backend gathers whole blocks and
+    masks what it must not see, as the engine's zeroed cache allows: its batches pass unused=0."""
     num_seqs = len(seq_lens)
     used = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(used) + 3
@@ -452,8 +554,8 @@ def make_batch(q_lens: list[int], seq_lens: list[int], num_kv_heads: int, group:
     for i, s in enumerate(seq_lens):
         pos = torch.arange(s, device=DEVICE)
         live[tables[i, pos // block_size].long() * block_size + pos % block_size] = True
-    k_cache.view(-1, num_kv_heads, head_dim)[~live] = float("nan")
-    v_cache.view(-1, num_kv_heads, head_dim)[~live] = float("nan")
+    k_cache.view(-1, num_kv_heads, head_dim)[~live] = unused
+    v_cache.view(-1, num_kv_heads, head_dim)[~live] = unused
 
     cu = torch.tensor([0, *q_lens], device=DEVICE).cumsum(0).int()
     q = randn((int(cu[-1]), num_kv_heads * group, head_dim), dtype, gen)
@@ -462,9 +564,9 @@ def make_batch(q_lens: list[int], seq_lens: list[int], num_kv_heads: int, group:
 
 
 @pytest.mark.parametrize("mode", ["decode", "mixed"])
-def test_reference_scratch_shared_by_layers_changes_nothing(mode, gen, seed):
-    """Two layers of one step share `scratch` (the references keep the gather index, mask, RoPE
-    rows and slots there): each layer's output must equal a call with no scratch."""
+def test_torch_backend_scratch_shared_by_layers_changes_nothing(mode, gen, seed):
+    """Two layers of one step share `scratch` (the torch backend keeps the gather index, mask, RoPE
+    rows and slots there): each layer's output must equal a call with no scratch, and the oracle's."""
     q_lens, seq_lens = ragged_lengths(mode, 5, 40, gen)
     layers = [make_batch(q_lens, seq_lens, 2, 3, 16, 4, torch.float32, gen) for _ in range(2)]
     for layer in layers[1:]:  # one step: the same metadata, other q and caches
@@ -482,60 +584,53 @@ def test_reference_scratch_shared_by_layers_changes_nothing(mode, gen, seed):
         outs = []
         for shared in (scratch, None):
             t, caches = qkv.clone(), (k_cache.clone(), v_cache.clone())
-            q, k, v = t[:, :96].view(tokens, 6, 16), t[:, 96:128].view(tokens, 2, 16), t[:, 128:].view(tokens, 2, 16)
-            reference.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots, scratch=shared)
-            out = reference.paged_attention(q, *caches, *layer.args()[3:], scratch=shared)
+            q, k, v = split_qkv(t, 6, 2, 16)
+            torch_backend.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots, scratch=shared)
+            out = torch_backend.paged_attention(q, *caches, *layer.args()[3:], scratch=shared)
             outs.append((t, *caches, out))
         for a, b in zip(*outs):
             assert torch.equal(a, b), f"scratch changed a result (seed {seed})"
+        q, k, v = split_qkv(qkv, 6, 2, 16)
+        ref, _, _ = naive.rope_store_attention(q, k, v, positions, cos_sin, k_cache, v_cache, slots,
+                                               *layer.args()[3:7])
+        assert_close(outs[0][-1], ref, torch.float32, seed)
     assert {"rope_rows", "store_slots"} <= scratch.keys()
     assert ("decode_plan" in scratch) == (mode == "decode")
 
 
-def test_reference_kv_planes_store_and_gather_like_separate_caches(gen, seed):
-    """The references copy K and V in one op when the caches are the two planes of one tensor
-    (the engine's layout) and k, v sit side by side in the qkv rows: same bytes as two copies."""
-    tokens, heads, dim, blocks, block_size = 11, 3, 8, 12, 4
-    planes = randn((4, 2, blocks, block_size, heads, dim), torch.float32, gen)  # layers, K/V, ...
-    apart = [planes[2, 0].clone(), planes[2, 1].clone()]
-    qkv = randn((tokens, 4 * heads * dim), torch.float32, gen)
-    k, v = qkv[:, 2 * heads * dim : 3 * heads * dim].view(tokens, heads, dim), qkv[:, 3 * heads * dim :].view(tokens, heads, dim)
-    assert reference._kv_planes(planes[2, 0], planes[2, 1]) is not None and reference._stacked(k, v) is not None
-    slots = torch.randperm(blocks * block_size, generator=gen, device=DEVICE)[:tokens]
-    slots[3] = -1
-    reference.store_kv(k, v, planes[2, 0], planes[2, 1], slots)
-    reference.store_kv(k.clone(), v.clone(), *apart, slots)  # separate tensors: the two-copy path
-    assert torch.equal(planes[2, 0], apart[0]) and torch.equal(planes[2, 1], apart[1]), f"seed {seed}"
-    index = torch.randint(0, blocks, (7,), generator=gen, device=DEVICE)
-    for got, want in zip(reference._gather_kv_blocks(planes[2, 0], planes[2, 1], index), apart):
-        assert torch.equal(got, want[index]), f"seed {seed}"
-    assert reference._kv_planes(planes[2, 1], planes[2, 0]) is None  # reversed: not K then V
-
-
-def _check_attention(batch: Batch, dtype, seed, config=None) -> None:
-    if config is None:
+def _check_attention(batch: Batch, dtype, seed, config=None, ops=triton_ops) -> None:
+    if ops is torch_backend:
+        out = torch_backend.paged_attention(*batch.args())
+    elif config is None:
         out = triton_attention.paged_attention(*batch.args())
     else:
         out = triton_attention.paged_attention_with(config, *batch.args()[:7])
     assert out.dtype == batch.q.dtype
-    assert_close(out, batch.reference(), dtype, seed)
+    assert_close(out, batch.oracle(), dtype, seed)
 
 
+def unused_for(impl: str) -> float:
+    """What make_batch writes into the slots no request owns (see there)."""
+    return 0.0 if impl == "torch" else float("nan")
+
+
+@BOTH
 @pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size,group", [(1, 4), (7, 3), (16, 1), (16, 3), (64, 8), (16, 8), (64, 3)])
-def test_paged_attention(mode, dtype, block_size, group, gen, seed):
+def test_paged_attention(impl, mode, dtype, block_size, group, gen, seed):
     # three fresh prompts of up to 300 tokens already cost the interpreter seconds
     q_lens, seq_lens = ragged_lengths(mode, 3 if mode == "prefill" else 4, 300, gen)
-    batch = make_batch(q_lens, seq_lens, 2, group, 64, block_size, dtype, gen)
-    _check_attention(batch, dtype, seed)
+    batch = make_batch(q_lens, seq_lens, 2, group, 64, block_size, dtype, gen, unused_for(impl))
+    _check_attention(batch, dtype, seed, ops=IMPLEMENTATIONS[impl])
 
 
+@BOTH
 @pytest.mark.parametrize("head_dim", [32, 80, 128, 256])
-def test_paged_attention_head_dims(head_dim, gen, seed):
+def test_paged_attention_head_dims(impl, head_dim, gen, seed):
     q_lens, seq_lens = ragged_lengths("mixed", 3, 130, gen)
-    batch = make_batch(q_lens, seq_lens, 1, 4, head_dim, 16, torch.bfloat16, gen)
-    _check_attention(batch, torch.bfloat16, seed)
+    batch = make_batch(q_lens, seq_lens, 1, 4, head_dim, 16, torch.bfloat16, gen, unused_for(impl))
+    _check_attention(batch, torch.bfloat16, seed, ops=IMPLEMENTATIONS[impl])
 
 
 @pytest.mark.parametrize("num_splits", [2, 4, 32] if HAS_CUDA else [2, 4])
@@ -550,29 +645,30 @@ def test_paged_attention_split_k(mode, num_splits, gen, seed):
     _check_attention(batch, torch.float32, seed, config)
 
 
-def test_paged_attention_noncontiguous_q(gen, seed):
+@BOTH
+def test_paged_attention_noncontiguous_q(impl, gen, seed):
     """q as a view of a fused qkv projection (token stride larger than Hq * D)."""
     q_lens, seq_lens = ragged_lengths("mixed", 3, 100, gen)
-    batch = make_batch(q_lens, seq_lens, 2, 3, 64, 16, torch.float32, gen)
+    batch = make_batch(q_lens, seq_lens, 2, 3, 64, 16, torch.float32, gen, unused_for(impl))
     tokens = batch.q.shape[0]
     qkv = randn((tokens, 10 * 64), torch.float32, gen)
     qkv[:, : 6 * 64] = batch.q.reshape(tokens, -1)
     batch.q = qkv[:, : 6 * 64].view(tokens, 6, 64)
-    _check_attention(batch, torch.float32, seed)
+    _check_attention(batch, torch.float32, seed, ops=IMPLEMENTATIONS[impl])
 
 
 # --------------------------------------------------------------------------- RoPE + KV store + attention
 
 
-def _check_rope_store_attention(mode: str, num_seqs: int, max_len: int, group: int, head_dim: int,
+def _check_rope_store_attention(impl: str, mode: str, num_seqs: int, max_len: int, group: int, head_dim: int,
                                 block_size: int, dtype, gen, seed, num_splits: int | None = None) -> None:
-    """The table's `rope_store_attention` (decode: one kernel that rotates, stores and attends;
-    other steps: two) against the reference in float64, and, on the GPU, bitwise against
-    `rope_store_kv` + `paged_attention`. The new tokens' cache slots start as NaN, so a store
-    that never happened fails; a quarter of the tokens have slot -1 and must store nothing."""
+    """The table's `rope_store_attention` (Triton's decode: one kernel that rotates, stores and
+    attends; other steps: two) against the oracle in float64, and, for Triton on the GPU, bitwise
+    against `rope_store_kv` + `paged_attention`. The new tokens' cache slots start as NaN, so a
+    store that never happened fails; a quarter of the tokens have slot -1 and must store nothing."""
     kv_heads = 2
     q_lens, seq_lens = ragged_lengths(mode, num_seqs, max_len, gen)
-    batch = make_batch(q_lens, seq_lens, kv_heads, group, head_dim, block_size, dtype, gen)
+    batch = make_batch(q_lens, seq_lens, kv_heads, group, head_dim, block_size, dtype, gen, unused_for(impl))
     tokens, q_heads = batch.q.shape[0], kv_heads * group
     owner = torch.repeat_interleave(torch.arange(num_seqs, device=DEVICE), torch.tensor(q_lens, device=DEVICE))
     positions = batch.seq_lens[owner] - (batch.cu_seqlens_q[1:][owner] - torch.arange(tokens, device=DEVICE))
@@ -582,17 +678,13 @@ def _check_rope_store_attention(mode: str, num_seqs: int, max_len: int, group: i
     for cache in (batch.k_cache, batch.v_cache):
         cache.view(-1, kv_heads, head_dim)[slots[~skip]] = float("nan")
     slots[skip] = -1  # these tokens' K/V are already in the cache (a prefix hit)
-    angles = torch.arange(max_len + 1, device=DEVICE).float()[:, None] / (
-        10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))[None, :]
-    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    cos_sin = rope_table(max_len + 1, head_dim)
     qkv = randn((tokens, (q_heads + 2 * kv_heads) * head_dim), dtype, gen)
+    meta = (batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, batch.scale)
 
-    def run(t: torch.Tensor, how) -> list[torch.Tensor]:
-        q = t[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
-        k = t[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
-        v = t[:, (q_heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
-        caches = [c.to(t.dtype) for c in (batch.k_cache, batch.v_cache)]
-        meta = (batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, batch.scale)
+    def run(t: torch.Tensor, how: str) -> list[torch.Tensor]:
+        q, k, v = split_qkv(t, q_heads, kv_heads, head_dim)
+        caches = [c.clone() for c in (batch.k_cache, batch.v_cache)]
         # a forced split count goes to both Triton paths: pieces of other sizes round differently
         forced = None if num_splits is None else dataclasses.replace(triton_attention.choose_config(
             num_seqs, q_heads, kv_heads, head_dim, dtype, 1, max_len, 132), num_splits=num_splits)
@@ -603,38 +695,41 @@ def _check_rope_store_attention(mode: str, num_seqs: int, max_len: int, group: i
             triton_ops.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots)
             out = triton_attention.paged_attention_with(forced, q, *caches, *meta)
         elif how == "fused":
-            out = triton_ops.rope_store_attention(q, k, v, positions, cos_sin, *caches, slots, *meta,
-                                                  batch.max_seqlen_q, batch.max_seqlen_k)
+            out = IMPLEMENTATIONS[impl].rope_store_attention(q, k, v, positions, cos_sin, *caches, slots, *meta,
+                                                             batch.max_seqlen_q, batch.max_seqlen_k)
         else:
-            ops = reference if how == "reference" else triton_ops
-            ops.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots)
-            # the NaN that poisons unused slots is never attended, but the reference's matmuls would spread it
-            read = [c.nan_to_num(0.0) for c in caches] if how == "reference" else caches
-            out = ops.paged_attention(q, *read, *meta, batch.max_seqlen_q, batch.max_seqlen_k)
+            triton_ops.rope_store_kv(q, k, v, positions, cos_sin, *caches, slots)
+            out = triton_ops.paged_attention(q, *caches, *meta, batch.max_seqlen_q, batch.max_seqlen_k)
         return [out, *caches]
 
-    fused, apart, ref = run(qkv.clone(), "fused"), run(qkv.clone(), "apart"), run(qkv.double(), "reference")
-    for name, a, b, r in zip(("out", "k_cache", "v_cache"), fused, apart, ref):
+    q, k, v = split_qkv(qkv, q_heads, kv_heads, head_dim)
+    ref = naive.rope_store_attention(q, k, v, positions, cos_sin, batch.k_cache.double(), batch.v_cache.double(),
+                                     slots, *meta)
+    fused = run(qkv.clone(), "fused")
+    for name, a, r in zip(("out", "k_cache", "v_cache"), fused, ref):
         assert torch.equal(a.isnan(), r.isnan()), f"{name}: a store missing or misplaced (seed {seed})"
         assert_close(a.nan_to_num(0.0), r.nan_to_num(0.0), dtype, seed)
-        if HAS_CUDA:
+    if HAS_CUDA and impl == "triton":
+        for name, a, b in zip(("out", "k_cache", "v_cache"), fused, run(qkv.clone(), "apart")):
             assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), f"{name}: fused != two kernels (seed {seed})"
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group,head_dim,block_size", [(3, 64, 16), (1, 32, 1), (4, 80, 7)])
-def test_rope_store_attention_decode(group, head_dim, block_size, dtype, gen, seed):
-    _check_rope_store_attention("decode", 5, 150, group, head_dim, block_size, dtype, gen, seed)
+def test_rope_store_attention_decode(impl, group, head_dim, block_size, dtype, gen, seed):
+    _check_rope_store_attention(impl, "decode", 5, 150, group, head_dim, block_size, dtype, gen, seed)
 
 
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_rope_store_attention_decode_split_k(num_splits, gen, seed):
     """Only the piece whose keys include the new token stores it, and reads it back."""
-    _check_rope_store_attention("decode", 3, 200, 3, 64, 16, torch.float32, gen, seed, num_splits)
+    _check_rope_store_attention("triton", "decode", 3, 200, 3, 64, 16, torch.float32, gen, seed, num_splits)
 
 
-def test_rope_store_attention_mixed_step(gen, seed):
-    _check_rope_store_attention("mixed", 4, 90, 3, 64, 16, torch.float32, gen, seed)
+@BOTH
+def test_rope_store_attention_mixed_step(impl, gen, seed):
+    _check_rope_store_attention(impl, "mixed", 4, 90, 3, 64, 16, torch.float32, gen, seed)
 
 
 def test_decode_config_refuses_a_ragged_batch(gen):
@@ -649,13 +744,14 @@ def test_decode_config_refuses_a_ragged_batch(gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("num_seqs,group,head_dim", [(64, 3, 64), (32, 4, 128), (4, 4, 128)])
 def test_rope_store_attention_decode_full(num_seqs, group, head_dim, dtype, gen, seed):
-    _check_rope_store_attention("decode", num_seqs, 3000, group, head_dim, 16, dtype, gen, seed)
+    _check_rope_store_attention("triton", "decode", num_seqs, 3000, group, head_dim, 16, dtype, gen, seed)
 
 
-def test_paged_attention_empty_request(gen, seed):
-    """A request with no query rows this step (q_len 0) is skipped, as in the reference."""
-    batch = make_batch([3, 0, 1], [40, 17, 9], 2, 2, 64, 16, torch.float32, gen)
-    _check_attention(batch, torch.float32, seed)
+@BOTH
+def test_paged_attention_empty_request(impl, gen, seed):
+    """A request with no query rows this step (q_len 0) is skipped, as in the oracle."""
+    batch = make_batch([3, 0, 1], [40, 17, 9], 2, 2, 64, 16, torch.float32, gen, unused_for(impl))
+    _check_attention(batch, torch.float32, seed, ops=IMPLEMENTATIONS[impl])
 
 
 def test_choose_config_splits_only_long_small_batches():
@@ -728,7 +824,7 @@ def test_paged_attention_never_syncs_the_host(gen, seed):
         out = triton_attention.paged_attention(*batch.args())
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert_close(out, batch.reference(), torch.bfloat16, seed)
+    assert_close(out, batch.oracle(), torch.bfloat16, seed)
 
 
 @gpu
@@ -747,7 +843,7 @@ def test_paged_attention_cuda_graph(num_seqs, max_len, gen, seed):
     batch.seq_lens.copy_(shorter)
     graph.replay()
     torch.cuda.synchronize()
-    assert_close(out, batch.reference(), torch.bfloat16, seed)
+    assert_close(out, batch.oracle(), torch.bfloat16, seed)
 
 
 if __name__ == "__main__":

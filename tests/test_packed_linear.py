@@ -1,4 +1,4 @@
-"""CPU weight packing: exact round trip, same results as nn.Linear, undone when the model moves."""
+"""CPU weight packing: exact round trip, the naive oracle's results, undone when the model moves."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from workbench.models.packed_linear import PackedLinear, packing_available
+from workbench_kernels import naive, torch_backend
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="needs torch's oneDNN packing (x86-64 CPU)")
 
@@ -18,7 +19,11 @@ def test_packed_linear_matches_linear_and_unpacks_bit_for_bit(bias, rows):
     linear = nn.Linear(96, 160, bias=bias)
     packed = PackedLinear.of(linear)
     x = torch.randn(rows, 96)
-    torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+    ref = naive.linear(x, linear.weight, linear.bias)
+    # the module, and the torch backend's linear as the model calls it (the packed weight in hand)
+    for y in (packed(x), torch_backend.linear(x, packed.weight, packed.bias)):
+        assert y.dtype == torch.float32 and y.shape == (rows, 160)
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     plain = packed.unpack()
     assert torch.equal(plain.weight, linear.weight)
     assert (plain.bias is None) == (not bias) and (not bias or torch.equal(plain.bias, linear.bias))

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from workbench_kernels.table import select
 
 from .graphs import DecodeGraphs, MixedGraphs
-from .kernels import select
 from .loading import LoadedModel
 from .models import AttentionContext
 from .request import PENDING

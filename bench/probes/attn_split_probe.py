@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kernel_bench import AttentionCase  # noqa: E402
 from skinny_gemm_sweep import copy_bandwidth, time_it  # noqa: E402
 
-from kernels import triton_attention  # noqa: E402
+from workbench_kernels import triton_attention  # noqa: E402
 
 
 def tiles(gen: torch.Generator, copy: float, sms: int) -> None:

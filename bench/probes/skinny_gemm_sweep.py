@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from kernels.triton_gemm import fits, skinny_linear  # noqa: E402
+from workbench_kernels.triton_gemm import fits, skinny_linear  # noqa: E402
 
 SHAPES = {  # name: (N, K)
     "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
@@ -67,7 +67,7 @@ def time_it(fn, reps: int = 40) -> float:
 def fused_gate_up(copy: float) -> dict:
     """The MLP's first half as the model runs it: cuBLAS gate_up then silu_and_mul, against
     the GEMM with the activation in its epilogue (default tiles)."""
-    from kernels.triton_ops import silu_and_mul
+    from workbench_kernels.triton_ops import silu_and_mul
 
     rows = {}
     for name, M in (("8b.gate_up", 32), ("135m.gate_up", 64)):

@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "probes"))
 
 import streamk_gemm  # noqa: E402
-from kernels import triton_gemm  # noqa: E402
-from kernels.triton_gemm import config_for, skinny_linear  # noqa: E402
+from workbench_kernels import triton_gemm  # noqa: E402
+from workbench_kernels.triton_gemm import config_for, skinny_linear  # noqa: E402
 from streamk_gemm import streamk_linear  # noqa: E402
 
 SHAPES = {  # name: (N, K, gate_up); gate_up reads 2N rows

@@ -18,8 +18,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels.launch import pdl, release_next, wait_for_previous  # noqa: E402
-from kernels.triton_gemm import config_for  # noqa: E402
+from workbench_kernels.launch import pdl, release_next, wait_for_previous  # noqa: E402
+from workbench_kernels.triton_gemm import config_for  # noqa: E402
 
 # --------------------------------------------------------------------------- stream-K
 # A (tile, K step) pair is a unit; program p walks units [start(p), start(p + 1)) with

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "probes"))
 
-from kernels.triton_gemm import config_for, skinny_linear  # noqa: E402
+from workbench_kernels.triton_gemm import config_for, skinny_linear  # noqa: E402
 from skinny_gemm_sweep import copy_bandwidth, time_it  # noqa: E402
 
 

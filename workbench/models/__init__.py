@@ -1,4 +1,4 @@
-"""Llama-family decoders built on `workbench.kernels`."""
+"""Llama-family decoders built on the kernel table (`workbench_kernels.table`)."""
 
 from .config import ModelConfig
 from .llama import AttentionContext, DecoderModel

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from workbench_kernels import cpu_blocks, torch_backend
 
-from ..kernels import cpu_blocks, reference
 from .packed_linear import _ROWS_HINT, packing_available
 
 
@@ -21,7 +21,7 @@ class BlockLinear(nn.Module):
     def __init__(self, blocks: cpu_blocks.BlockWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = blocks.shape
-        self.weight = blocks  # kernels.reference.linear runs it
+        self.weight = blocks  # workbench_kernels.torch_backend.linear runs it
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
@@ -35,7 +35,7 @@ class BlockLinear(nn.Module):
         return cls(blocks, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.linear(x, self.weight, self.bias)
+        return torch_backend.linear(x, self.weight, self.bias)
 
     def unpack(self) -> nn.Linear:
         """The plain nn.Linear again, bit for bit (the blocks rebuild every weight exactly)."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from workbench_kernels.table import TORCH, Kernels
 
-from ..kernels import TORCH, Kernels
 from .config import ModelConfig
 from .block_linear import BlockLinear
 from .packed_linear import PackedLinear, packing_available

@@ -33,7 +33,7 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # `weight` is the packed tensor itself (`is_mkldnn`): kernels.reference.linear runs it
+        # `weight` is the packed tensor itself (`is_mkldnn`): workbench_kernels.torch_backend.linear runs it
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 

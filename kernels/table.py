@@ -1,14 +1,21 @@
-"""Kernels for the decoder: one public function per operation, two implementations.
+"""The kernel table: one public function per operation, two implementations, and `select`.
 
-`select(device, backend)` returns a `Kernels` table whose functions all share the
-signatures of `kernels.reference`. The model only ever calls through that table,
-so it never knows which implementation runs.
+`select(device, backend)` returns a `Kernels` table whose functions all share the signatures of
+`torch_backend` (the tuned torch implementation, which is how the engine runs on a CPU) and of
+`triton_ops` (Triton, on CUDA). The model only ever calls through that table, so it never knows
+which implementation runs. `naive` holds the plain float64 oracle both are tested against.
 
 `paged_attention`, `rope_store_kv` and `rope_store_attention` also take `scratch`: a dict the caller makes once per
 forward pass and hands to every layer. An implementation may keep there what it derives from
 the step's metadata alone (positions, slots, lengths, block tables), never from q, k or v, so
-the layers after the first reuse it: the torch references keep their gather index, mask and
+the layers after the first reuse it: the torch backend keeps its gather index, mask and
 RoPE rows there. A caller that passes none loses nothing but that reuse.
+
+Where this package comes from: the repository's top-level `kernels/` folder, installed under the
+import name `workbench_kernels` (pyproject.toml, `[tool.setuptools] package-dir`). The folder has no
+`__init__.py` on purpose: it is then a namespace portion, and a regular package later on `sys.path`
+wins over it (PEP 420), so `import kernels` from the repository root still finds the `kernels`
+distribution that transformers imports (tests/test_kernels_package.py).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from . import reference
+from . import torch_backend
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -36,9 +43,9 @@ class Kernels(NamedTuple):
     rope_store_attention: Callable
 
 
-TORCH = Kernels("torch", reference.linear, reference.gate_up_silu, reference.rms_norm, reference.rope,
-                reference.rope_store_kv, reference.silu_and_mul, reference.store_kv, reference.paged_attention,
-                reference.rope_store_attention)
+TORCH = Kernels("torch", torch_backend.linear, torch_backend.gate_up_silu, torch_backend.rms_norm, torch_backend.rope,
+                torch_backend.rope_store_kv, torch_backend.silu_and_mul, torch_backend.store_kv,
+                torch_backend.paged_attention, torch_backend.rope_store_attention)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -53,7 +60,7 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 def select(device: torch.device | str, backend: Backend = "auto") -> Kernels:
-    """Pick the implementation: Triton on CUDA, torch references elsewhere, unless told."""
+    """Pick the implementation: Triton on CUDA, the torch backend elsewhere, unless told."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     device = torch.device(device)

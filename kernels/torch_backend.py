@@ -1,8 +1,10 @@
-"""Plain-torch reference implementations of every kernel.
+"""The torch backend: every kernel in plain torch ops, tuned for a CPU.
 
-These define the contract: each Triton kernel in this package has the same
-signature and must agree with its reference within the dtype's tolerance.
-They run anywhere torch runs, which is how the engine works on a CPU.
+This is how the engine runs on a CPU (and on CUDA when asked for `backend="torch"`). It is fast
+rather than plain: oneDNN's packed GEMM, the GGUF block GEMM of `cpu_blocks`, views that store
+K and V in one copy, per-step plans kept in `scratch`. Its functions define the signatures the
+Triton kernels (`triton_ops`) share; what they must compute is `naive`'s, and the tests hold both
+implementations against it (tests/test_kernels.py).
 """
 
 from __future__ import annotations
