@@ -81,12 +81,13 @@ class ApiState:
                              param="model", code="model_not_found")
         return self.model
 
-    def finished(self, handle: RequestHandle) -> None:
-        """Record an ended request once; a request still running is cancelled and recorded when it ends."""
+    def finished(self, handle: RequestHandle) -> bool:
+        """Record an ended request (call once per request); one still running is cancelled and
+        recorded when it ends. True, so a caller can remember that it is done."""
         self.inflight.pop(handle.request_id, None)
         if handle.output is not None:
             self.metrics.record(handle.output)
-            return
+            return True
         self.engine.cancel(handle.request_id)
 
         async def record_when_done() -> None:
@@ -95,6 +96,7 @@ class ApiState:
         task = asyncio.get_running_loop().create_task(record_when_done())  # ends within a step: cancel is queued
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
 
 # ====================================================================== guards
@@ -379,13 +381,20 @@ async def _result_or_disconnect(state: ApiState, handle: RequestHandle, request:
 
 async def _events(state: ApiState, handle: RequestHandle, shape: p.ResponseShape, prompt_tokens: int,
                   include_usage: bool) -> AsyncIterator[bytes]:
-    """The SSE body: chunks as tokens come, the finish, the usage if asked for, then [DONE]."""
+    """The SSE body: chunks as tokens come, the finish, the usage if asked for, then [DONE].
+
+    The request is recorded in the metrics before its last event leaves, so a scrape that
+    follows the client's `[DONE]` sees it."""
     prefix, suffix = shape.text_events(include_usage)
+    recorded = False
     try:
         if shape.chat:
             yield p.sse(shape.chunk("", role=True, with_usage_key=include_usage))
         async for chunk in handle.chunks():
+            if chunk.finished and handle.output is None:  # the engine sets the output just after the last chunk
+                await handle.result_async()
             if chunk.error is not None:
+                recorded = state.finished(handle)
                 error = p.error_body(500, f"the engine failed this request: {chunk.error}", code="engine_error")
                 yield p.sse(error)
                 yield p.SSE_DONE
@@ -393,6 +402,7 @@ async def _events(state: ApiState, handle: RequestHandle, shape: p.ResponseShape
             if chunk.text:
                 yield prefix + json.dumps(chunk.text, ensure_ascii=False).encode() + suffix
             if chunk.finished:
+                recorded = state.finished(handle)
                 yield p.sse(shape.chunk(None if shape.chat else "", p.finish_reason(chunk.finish_reason),
                                         with_usage_key=include_usage))
         output = handle.output
@@ -400,4 +410,5 @@ async def _events(state: ApiState, handle: RequestHandle, shape: p.ResponseShape
             yield p.sse(shape.usage_chunk(prompt_tokens, len(output.token_ids)))
         yield p.SSE_DONE
     finally:
-        state.finished(handle)
+        if not recorded:  # the client left (or the server stops) before the end: cancel, record when it ends
+            state.finished(handle)
