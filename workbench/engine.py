@@ -140,6 +140,7 @@ class Engine:
             self._inbox.put(lambda: None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+            self.runner.close()  # the CPU's compute worker; a restart makes a new one
         self._thread = None
 
     @property
@@ -381,6 +382,7 @@ class Engine:
                 busy = self.scheduler.has_work() or self._inflight is not None
                 if not busy:
                     self._yield_cpu_workers()  # idle: the cores are the notebook's until work comes
+                    self.runner.idle()
                 self._drain_inbox(block=not busy)
                 if self._running and (self.scheduler.has_work() or self._inflight is not None):
                     self._step_guarded()
@@ -441,7 +443,8 @@ class Engine:
         request = live.request
         if self._live.get(request.request_id) is live:  # else cancelled before it reached the loop
             self.scheduler.add(request)
-            self.telemetry.event(request.request_id, "queued", self._step_index, t=request.timings.queued)
+            self.telemetry.event(request.request_id, "queued", self._step_index, t=request.timings.queued,
+                                 detail=str(request.max_total_tokens()))  # the UI's KV-shrink floor
         with self._lock:
             self._pending -= 1  # after the add: max_queue counts the request in one place or the other
 
@@ -618,7 +621,10 @@ class Engine:
         ))
 
     def _gpu_times(self, flight: InFlight) -> tuple[float | None, float | None]:
-        """The step's GPU span on the host clock, from CUDA events (None on a CPU)."""
+        """The step's compute span on the host clock: from CUDA events on a GPU, from the compute
+        worker's clock on a CPU (the lane that runs beside the loop's host work)."""
+        if flight.compute_span is not None:
+            return flight.compute_span
         if flight.gpu_start is None or flight.gpu_end is None:
             return None, None
         if self._gpu_clock is None:
@@ -635,9 +641,6 @@ class Engine:
             return CPU_DEFAULT_BLOCKS
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(16, min(MAX_AUTO_BLOCKS, int(free * config.gpu_memory_fraction) // per_block))
-
-    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
-        check_fits(prompt_len, params, self.max_model_len, self.blocks.limit)
 
 
 def _freeze_gc() -> None:

@@ -14,14 +14,18 @@ machinery that lets the CPU run ahead of the GPU:
 * Steps replay CUDA graphs (graphs.py): decode-only steps one per padded batch size,
   prefill and mixed steps one per padded token count.
 
-On a CPU everything runs synchronously inside `launch`.
+On a CPU the forward passes run on one compute worker thread, in launch order (the
+CPU's stream): `launch` returns once the step is prepared and queued, so the
+overlapped loop prepares step N+1 while step N computes here too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from workbench_kernels.table import select
 from .graphs import DecodeGraphs, MixedGraphs
 from .loading import LoadedModel
 from .models import AttentionContext
+from .openmp import release_idle_workers
 from .request import PENDING
 from .sampling import Sampler
 from .scheduler import Batch
@@ -64,6 +69,8 @@ class InFlight:
     placeholders: dict[str, int] = field(default_factory=dict)  # request id -> index of its PENDING token
     schedule_s: float = 0.0
     t_start: float = 0.0
+    computed: Future | None = None  # CPU: the compute worker's run of this step
+    compute_span: tuple[float, float] | None = None  # CPU: when the worker computed it (host clock)
 
 
 class _HostSlot:
@@ -93,6 +100,7 @@ class _HostSlot:
         # this step's tokens on the device, apart from `last_sampled` (which the next step overwrites)
         self.sampled_dev = torch.empty(max_seqs, dtype=torch.int64, device=device) if pin else None
         self.copied: torch.cuda.Event | None = None
+        self.computed: Future | None = None  # CPU: the worker's step that reads this slot
 
 
 class ModelRunner:
@@ -123,6 +131,10 @@ class ModelRunner:
         self.graph_families = [g for g in (self.graphs, self.mixed_graphs) if g is not None]  # tried in this order
         self._slots = [self._new_slot(max_tokens, max_seqs) for _ in range(2)]
         self._next_slot = 0
+        # On a CPU the forward passes run on one worker thread, in launch order: the CPU's stream.
+        # The loop thread then prepares step N+1 while step N computes (the overlapped loop), and
+        # only this thread ever runs torch's parallel regions (one OpenMP team: see openmp.py).
+        self._compute = _ComputeWorker() if not self.cuda else None
 
     def _new_slot(self, max_tokens: int, max_seqs: int) -> _HostSlot:
         graph_numel = max((g.numel for g in self.graph_families), default=0)
@@ -147,6 +159,17 @@ class ModelRunner:
     @property
     def kernels_name(self) -> str:
         return self.model.kernels.name
+
+    def idle(self) -> None:
+        """The loop has no work: free the compute worker's idle OpenMP threads (the cores are the
+        notebook's until work comes)."""
+        if self._compute is not None:
+            self._compute.submit(release_idle_workers)
+
+    def close(self) -> None:
+        """Stop the compute worker (CPU); the runner must not launch again."""
+        if self._compute is not None:
+            self._compute.close()
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
@@ -233,6 +256,8 @@ class ModelRunner:
         slot = self._slots[self._next_slot]
         if slot.copied is not None:
             slot.copied.synchronize()  # the copy from two steps ago has read this slot
+        if slot.computed is not None:
+            slot.computed.result()  # CPU: the worker has finished reading this slot (two steps ago)
         if batch.num_tokens > len(slot.ids) or len(batch.items) > len(slot.cu) - 1:
             slot = self._slots[self._next_slot] = self._new_slot(  # the budget or batch grew live
                 max(batch.num_tokens, len(slot.ids)), max(len(batch.items), len(slot.cu) - 1))
@@ -244,10 +269,8 @@ class ModelRunner:
         t1 = time.perf_counter()
         flight.prepare_s = t1 - t0
         if not self.cuda:
-            inputs = self._to_device(slot, T, B, S, width)
-            self._apply_carry(inputs, self._carry(slot, T, prev), prev)
-            flight.sampled = self._forward_sample(inputs, sampling)
-            flight.tokens = flight.sampled.tolist()
+            slot.computed = flight.computed = self._compute.submit(self._compute_cpu, flight, slot, T, B, S, width,
+                                                                   prev, sampling)
             flight.launch_s = time.perf_counter() - t1
             return flight
         prior = torch.cuda.current_stream(self.device)
@@ -257,6 +280,18 @@ class ModelRunner:
             torch.cuda.set_stream(prior)
         flight.launch_s = time.perf_counter() - t1
         return flight
+
+    @torch.inference_mode()
+    def _compute_cpu(self, flight: InFlight, slot: _HostSlot, T: int, B: int, S: int, width: int,
+                     prev: InFlight | None, sampling: list) -> None:
+        """On the compute worker: the step's forward and sampling. Steps run in launch order, so the
+        previous step's sampled tokens exist when this one gathers its carried-over inputs."""
+        flight.compute_span = (time.perf_counter(), 0.0)
+        inputs = self._to_device(slot, T, B, S, width)
+        self._apply_carry(inputs, self._carry(slot, T, prev), prev)
+        flight.sampled = self._forward_sample(inputs, sampling)
+        flight.tokens = flight.sampled.tolist()
+        flight.compute_span = (flight.compute_span[0], time.perf_counter())
 
     def _launch_cuda(self, flight: InFlight, slot: _HostSlot, batch: Batch, prev: InFlight | None,
                      T: int, B: int, S: int, width: int, sampling: list) -> None:
@@ -328,6 +363,8 @@ class ModelRunner:
 
     def collect(self, flight: InFlight) -> list[int]:
         """The step's sampled tokens on the host, waiting only for that step."""
+        if flight.computed is not None:
+            flight.computed.result()  # the compute worker's step (CPU): its exception, if any, is raised here
         if flight.tokens is None:
             assert flight.done is not None and flight.host_tokens is not None
             flight.done.synchronize()
@@ -344,6 +381,27 @@ class ModelRunner:
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
         return self.model.compute_logits(hidden).float()
+
+
+class _ComputeWorker:
+    """One named thread that runs submitted steps in order (a CPU's stand-in for a CUDA stream).
+
+    Owned by the runner, started on first use, stopped by `close`; a step's exception is kept in
+    its Future and raised where the loop collects it."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self.submit(lambda: None)  # the thread exists from the start, as the engine's loop does
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workbench-compute")
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _token_slice(prompt: list[int], output: list[int], start: int, n: int) -> list[int]:
