@@ -371,10 +371,6 @@ class ModelRunner:
             flight.tokens = flight.host_tokens.tolist()
         return flight.tokens
 
-    def execute(self, batch: Batch) -> list[int]:
-        """Launch and collect one step (the synchronous path, and tests)."""
-        return self.collect(self.launch(batch))
-
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
         """Logits at every position of the batch (teacher forcing in tests and notebooks)."""
