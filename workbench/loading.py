@@ -203,6 +203,7 @@ def cached_build(out: Path, build: Callable[[Path], None], marker: str = "config
         if out.exists():  # a folder without its marker is not ours to trust
             shutil.rmtree(out)
         tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users of a shared one
         try:
             build(tmp)
             os.rename(tmp, out)

@@ -52,27 +52,45 @@ def row_keys(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return _mix(key ^ ((counter & _MASK32) + _COUNTER_SALT) & _MASK32)
 
 
-def uniforms(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[N, vocab] float32 uniforms in (0, 1), each a pure function of (seed, counter, vocab index)."""
-    index = torch.arange(vocab, device=seed.device, dtype=torch.int64)
-    bits = _mix(row_keys(seed, counter)[:, None] ^ _mix(index + _VOCAB_SALT)[None, :])
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # 24 bits: exact in float32
+def vocab_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
+    """[vocab] int64: each vocabulary index hashed once (a sampler keeps them between steps)."""
+    return _mix(torch.arange(vocab, device=device, dtype=torch.int64) + _VOCAB_SALT)
+
+
+def uniforms(seed: torch.Tensor, counter: torch.Tensor, vocab: int,
+             vocab_hash: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, vocab] float32 uniforms in (0, 1), each a pure function of (seed, counter, vocab index).
+
+    The row key and the vocabulary hash are each fully mixed; their XOR then takes two more
+    xorshift-multiply rounds, in place (the [N, vocab] int64 work is what a sampling step pays)."""
+    if vocab_hash is None:
+        vocab_hash = vocab_hashes(vocab, seed.device)
+    bits = row_keys(seed, counter)[:, None] ^ vocab_hash[None, :]
+    tmp = torch.empty_like(bits)
+    for multiplier in (_M1, _M2):
+        torch.bitwise_right_shift(bits, 16, out=tmp)
+        bits.bitwise_xor_(tmp).mul_(multiplier).bitwise_and_(_MASK32)
+    torch.bitwise_right_shift(bits, 15, out=tmp)
+    bits.bitwise_xor_(tmp)
+    torch.bitwise_right_shift(bits, 8, out=tmp)  # the top 24 of 32 bits: exact in float32
+    return tmp.to(torch.float32).add_(0.5).mul_(1.0 / 2**24)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 seed: torch.Tensor, counter: torch.Tensor, *, use_top_k: bool = True,
-                use_top_p: bool = True) -> torch.Tensor:
+                use_top_p: bool = True, vocab_hash: torch.Tensor | None = None) -> torch.Tensor:
     """logits [N, V]; per-row temperature, top_k (0 = off), top_p, seed, counter [N] -> token ids [N].
 
     `use_top_k` / `use_top_p` = False skip a warper for every row (a host-side shortcut when no row
     uses it; a graph would pass True). Rows with temperature 0 or top_k 1 give the argmax.
+    `vocab_hash` is `vocab_hashes(V, device)`, if the caller keeps it.
     """
     x = logits.float()
     greedy = (temperature <= 0) | (top_k == 1)
     scaled = x / torch.where(greedy, torch.ones_like(temperature), temperature).to(x.dtype)[:, None]
     allowed = allowed_tokens(scaled, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
-    noise = -torch.log(-torch.log(uniforms(seed, counter, scaled.shape[-1])))
-    drawn = (scaled + noise).masked_fill(~allowed, float("-inf")).max(dim=-1).indices
+    noise = uniforms(seed, counter, scaled.shape[-1], vocab_hash).log_().neg_().log_()  # -Gumbel
+    drawn = (scaled - noise).masked_fill_(~allowed, float("-inf")).max(dim=-1).indices
     return torch.where(greedy, x.max(dim=-1).indices, drawn)
 
 
@@ -114,6 +132,7 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self.seed = seed
+        self._vocab_hash: torch.Tensor | None = None  # vocab_hashes(V), made on the first sampling step
 
     def release(self, request_id: str) -> None:
         """Nothing to free: the sampler keeps no per-request state (kept for the runner's interface)."""
@@ -147,9 +166,12 @@ class Sampler:
             return tokens
         chosen = [items[k] for k in rows]
         temperature, top_k, top_p, seed, counter = self.row_tensors(chosen)
+        vocab = logits.shape[-1]
+        if self._vocab_hash is None or self._vocab_hash.numel() != vocab or self._vocab_hash.device != logits.device:
+            self._vocab_hash = vocab_hashes(vocab, logits.device)
         picked = sample_rows(logits[rows], temperature, top_k, top_p, seed, counter,
                              use_top_k=any(i.request.params.top_k > 0 for i in chosen),
-                             use_top_p=any(i.request.params.top_p < 1 for i in chosen))
+                             use_top_p=any(i.request.params.top_p < 1 for i in chosen), vocab_hash=self._vocab_hash)
         tokens[torch.tensor(rows, device=tokens.device)] = picked
         return tokens
 
