@@ -74,7 +74,8 @@ class EngineTarget:
         try:
             handle = self.engine.submit(item.prompt, max_new_tokens=item.max_new_tokens, ignore_eos=self.ignore_eos,
                                         temperature=self.temperature)
-        except ValueError as exc:  # bad prompt, too long, queue full: this request fails, the load goes on
+        except (ValueError, RuntimeError) as exc:  # bad prompt, too long, queue full, engine stopped: this
+            # request fails (recorded), the load goes on
             record.finish_reason, record.error, record.end = "error", str(exc), time.perf_counter() - t0
             return
         record.request_id = handle.request_id
