@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = chat_prompts(loaded.tokenizer, args.requests)
     systems: list[tuple[str, Callable[[], int]]] = [("cb-workbench Engine (continuous)",
                                                      run_ours(loaded, prompts, args.new_tokens))]
+    # the same engine with the overlapped loop: host work of step N+1 beside step N's forward on the
+    # compute worker (one model object, placed the same way, two engines)
+    systems.append(("cb-workbench Engine, overlapped loop", run_ours(loaded, prompts, args.new_tokens, overlap=True)))
     if any(isinstance(m, BlockLinear) for m in loaded.model.modules()):
         # the same engine with every weight dense fp32, as the peers hold them (its own model copy:
         # placing one model object both ways would undo the other's packing)
