@@ -102,8 +102,10 @@ def versions() -> dict[str, str]:
 
     import workbench
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    import os
+
+    commit = os.environ.get("WORKBENCH_COMMIT") or subprocess.run(  # a copied tree has no .git: the caller says
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     return {"python": platform.python_version(), "torch": torch.__version__, "fastapi": fastapi.__version__,
             "uvicorn": uvicorn.__version__, "httpx": httpx.__version__, "workbench": workbench.__version__,
             "commit": commit or "?"}
@@ -117,7 +119,10 @@ def device() -> str:
         cpu = platform.processor() or "unknown CPU"
     import os
 
-    return f"{cpu}, {os.cpu_count()} logical CPUs visible"
+    import torch
+
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} logical CPUs usable by this process, "
+            f"torch threads {torch.get_num_threads()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", type=Path, default=None, help="write the markdown record here too")
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run one HTTP round
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import workbench
 
-    engine = workbench.Engine(max_batch=args.max_batch)
+    engine = workbench.Engine(args.model, max_batch=args.max_batch, device=args.device)
     server = engine.serve_api(port=0)
     kw = dict(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, progress=False, timeout=args.timeout)
     rows = []
