@@ -137,7 +137,7 @@ def test_dashboard_in_chromium(server, tmp_path):
                                    "Bokeh.documents[0].get_model_by_name('kv-cells') !== null", timeout=60_000)
             assert page.title() == "cb-workbench dashboard"
             figures = page.locator(".bk-Figure")
-            assert figures.count() == 4
+            assert figures.count() == 5  # slots, KV, timeline, per-step ms, host/compute lanes
             kv_before = page.evaluate(js, "kv-cells")
             assert len(kv_before["owner"]) == 48 and not any(kv_before["owner"])
             assert len(page.evaluate(js, "slot-cells")["step"]) == 0
@@ -203,3 +203,90 @@ def test_dashboard_in_chromium(server, tmp_path):
     assert not errors, f"console errors: {errors}"
     bokeh_js = [(u, s) for u, s in scripts if "/static/js/bokeh.min.js" in u]
     assert bokeh_js and all(urlparse(u).hostname in LOOPBACK and s == 200 for u, s in bokeh_js), scripts
+
+
+def slider_values(page) -> dict[str, int]:
+    """What the page's config sliders show (the Bokeh models behind them)."""
+    return page.evaluate("""() => {
+      const out = {};
+      const titles = {"max batch": "max_batch", "usable KV blocks": "num_blocks", "token budget per step": "token_budget"};
+      for (const m of Bokeh.documents[0].all_models) {
+        if (m.title in titles && typeof m.value === "number") out[titles[m.title]] = m.value;
+      }
+      return out;
+    }""")
+
+
+def release_at(page, title: str, value: int) -> None:
+    """What letting go of a slider does in the page: its Bokeh model's value, then value_throttled, change.
+
+    Set on the model (as noUiSlider's end-of-drag handler does) rather than by synthetic mouse or key
+    events: on a loaded 2-core machine those take seconds each to dispatch, and the burst would end first.
+    """
+    page.evaluate("""([title, value]) => {
+      for (const m of Bokeh.documents[0].all_models) {
+        if (m.title === title && "value_throttled" in m.properties) { m.value = value; m.value_throttled = value; return }
+      }
+      throw new Error("no slider titled " + title);
+    }""", [title, value])
+
+
+def test_rapid_drags_during_a_burst_end_with_widgets_readout_and_engine_equal(server, tmp_path):
+    """Issue 23's second finding: after quick drags of three sliders mid-burst, all three views agree."""
+    from playwright.sync_api import sync_playwright
+
+    url = server
+    keys = ("max_batch", "num_blocks", "token_budget")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1500, "height": 1150})
+            external: list[str] = []
+            loopback_only(context, external)
+            page = context.new_page()
+            page.set_default_timeout(90_000)  # a loaded 2-core machine can stall the page for seconds
+            page.goto(url)
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
+                                   "Bokeh.documents[0].get_model_by_name('kv-cells') !== null", timeout=60_000)
+            release_at(page, "max new tokens", 256)  # long requests: the burst outlasts the moves
+            size = page.locator(".wb-burst-size input")
+            size.fill("12")
+            size.press("Enter")
+            wait_until(lambda: size.input_value() == "12", 10, "the burst size to read 12")
+            page.get_by_role("button", name="Burst").click()
+            running = page.locator('[data-testid="counter-running"]')
+            wait_until(lambda: running.inner_text() not in ("", "0"), 60, "the burst to start running")
+            moves = [("max batch", 5), ("usable KV blocks", 40), ("token budget per step", 100), ("max batch", 3),
+                     ("usable KV blocks", 44), ("token budget per step", 700), ("max batch", 6),
+                     ("usable KV blocks", 36), ("token budget per step", 300)]
+            during = [get_status(url)["stats"]]
+            for title, value in moves:  # nine releases, no pauses
+                release_at(page, title, value)
+            cards = page.locator('[data-testid="state"]')
+            # twelve live requests, twelve cards (the old view kept the newest 8 and dropped running ones)
+            wait_until(lambda: cards.count() == 12, 30, "twelve cards, one per burst request")
+            states = {cards.nth(i).inner_text() for i in range(cards.count())}
+            pending = page.locator('[data-testid="cfg-pending"]')
+            wait_until(lambda: pending.count() == 0, 120, "the posted config to be applied")
+
+            def agree():
+                engine = {k: get_status(url)["config"][k] for k in keys}
+                readout = {k: int(page.locator(f'[data-testid="cfg-{k}"]').inner_text()) for k in keys}
+                widgets = slider_values(page)
+                return (engine, readout, widgets) if engine == readout == widgets else None
+
+            engine, readout, widgets = wait_until(agree, 30, "sliders, readout and engine config to agree")
+            # the moves came mid-burst, and the last of each won
+            assert during[0]["running"] + during[0]["waiting"] > 0, during
+            assert engine == {"max_batch": 6, "num_blocks": 36, "token_budget": 300}, engine
+            # still agreeing a few ticks later (no late sync moves a widget back)
+            page.wait_for_timeout(1000)
+            assert agree() is not None
+            assert states <= {"queued", "streaming", "preempted", "length", "stop"}, states
+            assert page.locator('[data-testid="state"]', has_text="error").count() == 0
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert not external, external

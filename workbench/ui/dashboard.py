@@ -208,7 +208,7 @@ class Dashboard(pn.viewable.Viewer):
         self.max_new_tokens = pn.widgets.IntSlider(label="max new tokens", start=1, end=min(512, limit),
                                                    value=min(max_new_tokens, limit), sizing_mode="stretch_width")
         self.submit_button = pn.widgets.Button(label="Submit", color="primary", width=90)
-        self.burst_size = pn.widgets.IntInput(value=6, start=1, end=64, width=70,
+        self.burst_size = pn.widgets.IntInput(value=6, start=1, end=64, width=70, css_classes=["wb-burst-size"],
                                               description="how many requests one Burst submits")
         self.burst_button = pn.widgets.Button(label="Burst", color="success", width=90,
                                               description="Submit N varied prompts at once, of varied lengths")

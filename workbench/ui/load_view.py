@@ -435,7 +435,8 @@ class LoadView:
         self._sweep_task = loop.create_task(go())
 
     def _alert(self, text: str | None) -> None:
-        self.alert.text = "" if text is None else f'<div class="wb-alert" data-testid="load-alert">{html.escape(text)}</div>'
+        body = "" if text is None else html.escape(text)
+        self.alert.text = f'<div class="wb-alert" data-testid="load-alert">{body}</div>' if text is not None else ""
         self.alert.visible = text is not None
 
     # ------------------------------------------------------------------ the tick: drain, plan, apply

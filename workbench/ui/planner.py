@@ -264,10 +264,11 @@ def config_html(cfg: dict[str, Any], posted: dict[str, Any] | None, capacity: in
 
 
 def spans_html(busy: float | None, host: float | None, fwd: float | None, device: str) -> str:
-    if busy is not None:
-        text = f"GPU busy over the last steps: <b data-testid='gpu-busy'>{100 * busy:.0f}%</b>"
+    lane = "GPU" if device == "cuda" else "compute worker"
+    if busy is not None:  # telemetry.gpu_busy: the same figure README and the bench report
+        text = f"{lane} busy over the last steps: <b data-testid='gpu-busy'>{100 * busy:.0f}%</b>"
     else:
-        text = (f"GPU busy: <b data-testid='gpu-busy'>n/a</b> ({device}: no compute spans recorded; "
+        text = (f"{lane} busy: <b data-testid='gpu-busy'>n/a</b> ({device}: no compute spans recorded; "
                 "the forward runs on the loop thread)")
     if host is not None:
         text += f" &middot; host work per step (median): <b data-testid='host-ms'>{host:.2f} ms</b>"

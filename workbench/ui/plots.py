@@ -130,10 +130,10 @@ def step_figure(bars: ColumnDataSource, span_steps: int, height: int = 220):
     fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("phase", "@phase"), ("duration", "@ms ms")]))
     fig.xaxis.axis_label = "step"
     fig.yaxis.axis_label = "ms"
-    fig.legend.orientation = "horizontal"
-    fig.legend.location = "top_left"
     fig.legend.label_text_font_size = "10px"
-    fig.legend.background_fill_alpha = 0.6
+    fig.legend.spacing = 0
+    fig.legend.padding = 4
+    fig.add_layout(fig.legend[0], "right")  # beside the plot: bars stay visible under it
     _style(fig)
     return fig
 
