@@ -107,6 +107,8 @@ def test_a_built_wheel_ships_the_kernels_as_workbench_kernels(tmp_path):
     assert {"workbench_kernels/table.py", "workbench_kernels/naive.py", "workbench_kernels/torch_backend.py",
             "workbench_kernels/cpu_blocks.c", "workbench/__init__.py"} <= names
     assert not any(n.startswith("kernels/") for n in names), "the wheel would install a top-level `kernels`"
+    packages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "workbench").rglob("__init__.py")}
+    assert packages <= names, f"packages missing from pyproject's list: {sorted(packages - names)}"
     assert "workbench_kernels/__init__.py" not in names
     target = tmp_path / "target"
     zipfile.ZipFile(wheel).extractall(target)  # what an install lays out
