@@ -257,7 +257,8 @@ class ModelRunner:
         if slot.copied is not None:
             slot.copied.synchronize()  # the copy from two steps ago has read this slot
         if slot.computed is not None:
-            slot.computed.result()  # CPU: the worker has finished reading this slot (two steps ago)
+            slot.computed.exception()  # CPU: the worker has finished reading this slot (two steps ago);
+            # its error, if any, was raised by collect() and already failed that step: not this one
         if batch.num_tokens > len(slot.ids) or len(batch.items) > len(slot.cu) - 1:
             slot = self._slots[self._next_slot] = self._new_slot(  # the budget or batch grew live
                 max(batch.num_tokens, len(slot.ids)), max(len(batch.items), len(slot.cu) - 1))
