@@ -55,7 +55,8 @@ def test_duration_bounds_the_schedule():
     assert lab.arrival_times(lab.ArrivalSchedule(), num_requests=5) == [0.0] * 5  # rate inf: all at once
 
 
-@pytest.mark.parametrize("kwargs,field", [({"rate": 0}, "rate"), ({"rate": -1}, "rate"), ({"burstiness": 0}, "burstiness"),
+@pytest.mark.parametrize("kwargs,field", [({"rate": 0}, "rate"), ({"rate": -1}, "rate"),
+                                          ({"burstiness": 0}, "burstiness"),
                                           ({"rate": 5, "ramp_to": math.inf}, "ramp_to")])
 def test_bad_schedules_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -319,7 +320,8 @@ def test_http11_client_reads_every_body_shape():
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int([h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0])
+                length = int([h.split(b":")[1] for h in head.split(b"\r\n")
+                              if h.lower().startswith(b"content-length")][0])
                 await reader.readexactly(length)
                 path = head.split()[1]
                 writer.write(bodies[path])
@@ -364,7 +366,8 @@ def test_stop_cancels_and_counts_in_flight(echo):
 
     async def main():
         with EchoServer(tokens=50, delay_s=0.05) as slow:  # 2.5 s per request
-            test = lab.LoadTest(lab.OpenAITarget(slow), lab.RandomWorkload(4, 50), lab.LoadSpec(rate=20, num_requests=200))
+            test = lab.LoadTest(lab.OpenAITarget(slow), lab.RandomWorkload(4, 50),
+                                lab.LoadSpec(rate=20, num_requests=200))
             task = asyncio.create_task(test.run())
             for _ in range(100):  # bounded: at most 10 s
                 await asyncio.sleep(0.1)

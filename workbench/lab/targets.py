@@ -148,7 +148,8 @@ class OpenAITarget:
         if client == "http11" and not self.base_url.startswith("http://"):
             raise ValueError("client='http11' speaks plain http only; use client='httpx' for https")
         # plain http: the lean keep-alive client (httpx costs ms of CPU per streamed request); https: httpx
-        self.client_kind = client if client != "auto" else ("http11" if self.base_url.startswith("http://") else "httpx")
+        plain = self.base_url.startswith("http://")
+        self.client_kind = client if client != "auto" else ("http11" if plain else "httpx")
         self._client: Any = None
 
     async def open(self) -> None:
