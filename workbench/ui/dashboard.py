@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,9 @@ BURST_PROMPTS = (
 BURST_LENGTH_FRACTIONS = (1.0, 0.25, 0.5, 0.75, 0.35, 0.9)
 # Widgets of the live config, by field (overlap has its own toggle, live only where the engine supports it).
 SLIDER_FIELDS = ("max_batch", "num_blocks", "token_budget")
+# A streaming card's text is re-sent at most this often: every Div change re-lays out the whole page in
+# BokehJS, and a dozen cards at the tick's 10 Hz kept a browser on a loaded 2-core machine from keeping up.
+CARD_TEXT_S = 0.4
 
 CSS = """
 .wb-counters {display:flex; flex-wrap:wrap; gap:6px; font-family:sans-serif;}
@@ -147,7 +151,7 @@ class _Output:
 class _Card:
     """One output card: the text, a cancel button, and the row holding both (created once, then reused)."""
 
-    __slots__ = ("pane", "cancel", "row", "shown")
+    __slots__ = ("pane", "cancel", "row", "shown", "at")
 
     def __init__(self, on_cancel: Any) -> None:
         self.pane = _Text()
@@ -155,6 +159,7 @@ class _Card:
         self.cancel.on_click(lambda _e: on_cancel(self))
         self.row = pn.Row(self.pane.panel, self.cancel, sizing_mode="stretch_width", visible=False)
         self.shown: tuple[str, int, str] | None = None
+        self.at = 0.0  # when its text was last sent
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -530,7 +535,10 @@ class Dashboard(pn.viewable.Viewer):
             key = (out.request_id, out.version, state)
             if key == card.shown:
                 continue
-            card.shown = key
+            now = time.monotonic()
+            if card.shown is not None and key[0::2] == card.shown[0::2] and now - card.at < CARD_TEXT_S:
+                continue  # only more text: at most CARD_TEXT_S apart (each Div change re-lays out the page)
+            card.shown, card.at = key, now
             card.pane.object = out.html(state)
             if card.cancel.disabled != (out.reason is not None):  # Panel parameters cost far more than a compare
                 card.cancel.disabled = out.reason is not None
