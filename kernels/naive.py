@@ -25,7 +25,12 @@ The contract each implementation follows, in words:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # for the annotations only: nothing of cpu_blocks runs here
+    from .cpu_blocks import BlockWeight
 
 F64 = torch.float64
 
@@ -190,7 +195,7 @@ def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def dequantize(weight) -> torch.Tensor:
+def dequantize(weight: BlockWeight) -> torch.Tensor:
     """The float64 matrix a `cpu_blocks.BlockWeight` stands for, read from its blocks alone."""
     if weight.format == "q4_1":
         return dequantize_q4_1(weight.qs, weight.scales)
@@ -199,6 +204,6 @@ def dequantize(weight) -> torch.Tensor:
     raise ValueError(f"block format must be 'q4_1' or 'q8_0', got {weight.format!r}")
 
 
-def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def block_linear(x: torch.Tensor, weight: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) for W held as GGUF blocks: dequantize, then `linear`."""
     return linear(x, dequantize(weight), bias)
