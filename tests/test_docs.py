@@ -23,6 +23,7 @@ import inspect
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ ROOT = Path(__file__).absolute().parents[1]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.*?)\s*-->\s*$")
 TABLE_MARK = re.compile(r"^<!--\s*(knob-table|error-table)\b.*-->\s*$", re.M)
 
@@ -50,8 +51,8 @@ def page_items(page: Path) -> list[Item]:
     """The page's python blocks (run or skipped, with the reason) and its marked tables, in order."""
     text = page.read_text()
     items: list[Item] = []
-    for m in FENCE.finditer(text):
-        if m.group(1) != "python":
+    for m in FENCE.finditer(text):  # fences may be indented (inside a list item)
+        if m.group("lang") != "python":
             continue
         before = text[: m.start()].rstrip().splitlines()
         line = text.count("\n", 0, m.start()) + 1
@@ -60,7 +61,7 @@ def page_items(page: Path) -> list[Item]:
             assert skip.group(1), f"{page.name}:{line}: a not-run marker must give its reason"
             items.append(Item("skipped", line, skip.group(1)))
         else:
-            items.append(Item("python", line, m.group(2)))
+            items.append(Item("python", line, textwrap.dedent(m.group("body"))))
     for m in TABLE_MARK.finditer(text):
         rows = []
         for row in text[m.end():].lstrip("\n").splitlines():
@@ -211,8 +212,8 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
 def test_readme_holds_the_two_commands() -> None:
     """README's set-up is exactly `make run` and `make test` (CI runs the second)."""
     text = (ROOT / "README.md").read_text()
-    commands = [line.split("#")[0].strip() for lang, body in FENCE.findall(text) if lang in ("bash", "sh", "")
-                for line in body.splitlines() if line.strip().startswith("make ")]
+    commands = [line.split("#")[0].strip() for m in FENCE.finditer(text) if m.group("lang") in ("bash", "sh", "")
+                for line in m.group("body").splitlines() if line.strip().startswith("make ")]
     assert commands == ["make run", "make test"], commands
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "OWNER" not in text, "a placeholder Binder URL"
