@@ -236,3 +236,12 @@ def test_bench_paths_in_docs_exist() -> None:
              for m in re.findall(r"`((?:bench|notebooks|docs)/[\w./-]+\.(?:md|json|txt|py|sh|ipynb|png))`", p.read_text())}
     missing = sorted(n for n in named if not (ROOT / n).exists())
     assert not missing, f"named in the docs but not in the tree: {missing}"
+
+
+def test_results_index_names_every_record() -> None:
+    """bench/results/README.md indexes each record there (twins such as NAME.json ride on NAME.md's row)."""
+    results = ROOT / "bench" / "results"
+    index = (results / "README.md").read_text()
+    unindexed = [f.name for f in sorted(results.iterdir())
+                 if f.is_file() and f.name != "README.md" and f.name.split(".")[0] + "." not in index]
+    assert not unindexed, f"records missing from bench/results/README.md: {unindexed}"
