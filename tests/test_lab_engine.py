@@ -50,6 +50,8 @@ def test_live_config_sweep_loses_no_request_and_leaks_no_block(make_engine):
                                                                                         (3, 64)]
     assert all(p.summary["completed"] == 4 and p.summary["errors"] == 0 for p in sweep.points)
     assert all(p.config["num_blocks"] == 48 for p in sweep.points)
+    # each point has prompts of its own: the prefix cache filled by one point never serves the next
+    assert all(p.summary["cached_tokens"] == 0 for p in sweep.points)
     assert (engine.config.max_batch, engine.config.token_budget) == (4, 64)  # restored
     assert sweep.restart_wall_s == pytest.approx(sum(p.wall_s for p in sweep.points) - sum(sweep.reconfigure_s) + 4.0)
     assert len(sweep.frontier()) >= 1 and sweep.recommend() is not None

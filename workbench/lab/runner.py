@@ -41,6 +41,7 @@ class LoadSpec:
     concurrency: int | None = None
     warmup: int = 0
     seed: int = 0
+    prompt_seed: int | None = None  # the workload's seed (default: `seed`); arrival times always follow `seed`
     request_timeout_s: float = 300.0
     drain_timeout_s: float = 300.0
 
@@ -53,6 +54,10 @@ class LoadSpec:
             raise ValueError(f"concurrency must be an integer in [1, 100000] or None, got {self.concurrency!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup <= 10_000:
             raise ValueError(f"warmup must be an integer in [0, 10000], got {self.warmup!r}")
+        for name in ("seed", "prompt_seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         for name in ("request_timeout_s", "drain_timeout_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < math.inf:
@@ -116,7 +121,8 @@ class LoadTest:
         spec = self.spec
         times = spec.planned_times()
         self.planned = len(times)
-        items = self.workload.items(spec.warmup + len(times), spec.seed)
+        prompt_seed = spec.seed if spec.prompt_seed is None else spec.prompt_seed
+        items = self.workload.items(spec.warmup + len(times), prompt_seed)
         started_at = time.time()
         config: dict[str, Any] = {}
         await self.target.open()

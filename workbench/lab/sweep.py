@@ -5,7 +5,9 @@ crosses live knobs (max_batch x token_budget, optionally x num_blocks) and
 applies each point with the target's live reconfigure: `engine.reconfigure`
 in-process, `POST /v1/engine/config` over HTTP. No restart and no reload; the
 sweep records its own wall time beside an estimate of doing the same with a
-restart per point (one measured engine construction per point).
+restart per point (one measured engine construction per point). Every point
+replays the same arrival times with prompts of its own (same distribution), so
+the prefix cache filled by one point cannot flatter the next.
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ class Sweep:
                             "summary": p.summary} for p in self.points]}
 
 
+def _fresh_prompts(spec: LoadSpec, i: int) -> LoadSpec:
+    """Point i of a sweep: the same arrival times, its own prompts (of the same distribution).
+
+    Replaying the very same prompts would let the prefix cache, filled by the
+    points before, serve a later point's prefills: that point would look faster
+    for a reason that is not its setting.
+    """
+    base = spec.seed if spec.prompt_seed is None else spec.prompt_seed
+    return replace(spec, prompt_seed=base + 1_000_003 * (i + 1)).validate()
+
+
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in order (the last key varies fastest)."""
     for key, values in grid.items():
@@ -98,8 +111,8 @@ async def rate_sweep(target: Target, workload: Workload, rates: Sequence[float],
     slo = slo or SLO()
     sweep = Sweep("rate", slo=slo)
     t0 = time.perf_counter()
-    for rate in rates:
-        point_spec = replace(spec, rate=rate).validate()
+    for i, rate in enumerate(rates):
+        point_spec = _fresh_prompts(replace(spec, rate=rate), i)
         t = time.perf_counter()
         result = await LoadTest(target, workload, point_spec, slo, progress=progress, label=f"rate {rate:g}").run()
         sweep.points.append(SweepPoint(result.config, rate, result.summary, time.perf_counter() - t,
@@ -124,12 +137,13 @@ async def config_sweep(target: Target, workload: Workload, grid: Mapping[str, Se
     try:
         before = await target.config()
         t0 = time.perf_counter()
-        for changes in points:
+        for i, changes in enumerate(points):
             t = time.perf_counter()
             config = await target.reconfigure(**changes)
             sweep.reconfigure_s.append(time.perf_counter() - t)
             label = " ".join(f"{k}={v}" for k, v in changes.items())
-            result = await LoadTest(target, workload, spec, slo, progress=progress, label=label).run()
+            result = await LoadTest(target, workload, _fresh_prompts(spec, i), slo, progress=progress,
+                                    label=label).run()
             await target.open()  # the load test closes what it opened
             sweep.points.append(SweepPoint(config or dict(changes), spec.rate, result.summary,
                                            time.perf_counter() - t, label))
