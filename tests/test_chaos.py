@@ -19,7 +19,7 @@ import pytest
 from workbench.handle import RequestHandle
 
 DEADLINE_S = 120  # the watchdog: far above the ~10-20 s a run takes on two busy cores
-MAX_REQUESTS = 48
+MAX_REQUESTS = 40
 MARKER = 49000  # a token only the poisoned prompts contain
 QUESTIONS = ("Name a colour.", "What is 2+2?", "Say hi.", "Name a planet.", "Pick a number.")
 
