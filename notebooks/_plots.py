@@ -8,11 +8,11 @@ live, interactive views are the dashboard's (`workbench.ui`).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-
 import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.patches import Patch, Rectangle
+
+from workbench.ui import data  # the dashboard's pure folds of telemetry (no Panel import)
 
 KIND_CODE = {"idle": 0, "prefill": 1, "decode": 2, "padding": 3}
 KIND_COLOR = ["#f2f2f2", "#f28e2b", "#4e79a7", "#e15759"]
@@ -20,19 +20,14 @@ KIND_COLOR = ["#f2f2f2", "#f28e2b", "#4e79a7", "#e15759"]
 
 # ----------------------------------------------------------------- bookkeeping
 def tokens_in_cache(steps) -> list[dict[str, int]]:
-    """For each step: how many tokens of each request had been pushed through the model by its end.
+    """For each step: the tokens each running request holds in the KV cache after it.
 
-    Counted from the slots, so it matches the KV cache only when nothing was preempted
-    or served from the prefix cache (a recompute or a prefix hit breaks the count).
+    The dashboard's own fold (`workbench.ui.data.fold_context`), taken after every step: a
+    preempted request starts again from zero, a finished one drops out. Tokens served from the
+    prefix cache are not counted (they were never pushed through the model by this request).
     """
-    total: dict[str, int] = defaultdict(int)
-    out = []
-    for s in steps:
-        for slot in s.slots:
-            if slot.kind != "padding":
-                total[slot.request_id] += slot.num_tokens
-        out.append(dict(total))
-    return out
+    context: dict[str, int] = {}
+    return [dict(data.fold_context(context, [s])) for s in steps]
 
 
 def slot_lanes(steps, num_lanes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +97,7 @@ def kv_grid(ax, step, cols: int = 16, title: str | None = None, names: dict[str,
     rows = math.ceil(n / cols)
     palette = [mcolors.to_rgb(c) for c in ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
                                             "#ff9da7", "#9c755f", "#e15759", "#bab0ac")]
-    owner = {}
-    for rid, table in step.block_tables.items():
-        for b in table:
-            owner.setdefault(b, rid)
+    owner = {b: who[0] for b, who in data.block_owners(step).items()}
     names = names if names is not None else {}
     for b in range(n):
         r, c = divmod(b, cols)

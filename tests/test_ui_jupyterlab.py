@@ -125,7 +125,7 @@ def test_dashboard_in_a_jupyterlab_cell(jupyter_lab, tmp_path):
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.get_by_text("Run All Cells", exact=True).click()
             output = cells.nth(0).locator(".jp-OutputArea")
-            wait_until(lambda: output.locator(".bk-Figure").count() == 4, 120, "the dashboard's four plots")
+            wait_until(lambda: output.locator(".bk-Figure").count() == 5, 120, "the dashboard's five plots")
             running = output.locator('[data-testid="counter-running"]')
             ended = output.locator('[data-testid="counter-ended"]')
             wait_until(lambda: status.count() > 0 and running.count() == 1, 120, "the cell to finish and counters")
