@@ -14,7 +14,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -284,9 +284,6 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 # ====================================================================== responses
-FinishReason = Literal["stop", "length", "abort"]
-
-
 def finish_reason(reason: str | None) -> str | None:
     """The engine's reasons in OpenAI's words (a cancelled request was aborted)."""
     return {"cancelled": "abort"}.get(reason or "", reason)
