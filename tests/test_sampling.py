@@ -153,3 +153,30 @@ def test_unseeded_requests_do_not_depend_on_the_batch_either(make_engine):
     alone = [two.submit(prompt, **kw).result(timeout=120).token_ids for _ in range(3)]
     assert together == alone
     assert len({tuple(t) for t in alone}) == 3
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_sampler_draws_what_it_draws_on_the_cpu_and_follows_the_oracle():
+    """The same (seed, counter, logits) give the same tokens on the GPU as on the CPU (the noise is
+    integer arithmetic; only a float32 tie in the last bit could differ), the GPU's frequencies
+    follow the oracle, and a permutation of the rows permutes the picks."""
+    torch.manual_seed(0)
+    n, vocab = 64, 49152
+    logits = torch.randn(n, vocab) * 3
+    temperature, top_k = torch.linspace(0.5, 1.5, n), torch.tensor([0, 40, 0, 1] * (n // 4), dtype=torch.int64)
+    top_p = torch.tensor([1.0, 0.9, 0.95, 1.0] * (n // 4))
+    seeds = torch.tensor([derived_seed(3, i) for i in range(n)], dtype=torch.int64)
+    counters = torch.arange(n, dtype=torch.int64)
+    cpu = sample_rows(logits, temperature, top_k, top_p, seeds, counters)
+    args = [t.cuda() for t in (logits, temperature, top_k, top_p, seeds, counters)]
+    gpu = sample_rows(*args)
+    assert (gpu.cpu() == cpu).float().mean() >= 0.98, (gpu.cpu() != cpu).sum()
+    perm = torch.randperm(n, device="cuda")
+    assert torch.equal(sample_rows(*[a[perm] for a in args]), gpu[perm])
+    m = 40_000
+    rows = torch.tensor(LOGITS, dtype=torch.float32, device="cuda").expand(m, -1).contiguous()
+    tokens = sample_rows(rows, torch.full((m,), 0.9, device="cuda"), torch.full((m,), 5, device="cuda"),
+                         torch.full((m,), 0.7, device="cuda"), torch.full((m,), 12345, device="cuda"),
+                         torch.arange(m, device="cuda"))
+    seen = np.bincount(tokens.cpu().numpy(), minlength=len(LOGITS)) / m
+    assert 0.5 * np.abs(seen - oracle(LOGITS, 0.9, 5, 0.7)).sum() < 0.012
