@@ -311,6 +311,7 @@ def test_http11_client_reads_every_body_shape():
         b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab\ncd\r\n3;x=1\r\ne\nf\r\n0\r\n\r\n",
         b"/length": b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\nX-A: 1\r\n\r\nxy\r\nzw\n",
         b"/close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nline1\nline2",
+        b"/once": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",  # then closes without saying so
         b"/bad": b"SMTP ready\r\n\r\n",
     }
     connections = []
@@ -326,7 +327,7 @@ def test_http11_client_reads_every_body_shape():
                 path = head.split()[1]
                 writer.write(bodies[path])
                 await writer.drain()
-                if path in (b"/close", b"/bad"):
+                if path in (b"/close", b"/bad", b"/once"):
                     writer.close()
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -346,6 +347,12 @@ def test_http11_client_reads_every_body_shape():
             assert len(connections) == 1  # both went over one kept-alive connection
             async with client.request("POST", "/close", b"") as r:
                 assert [x async for x in r.lines()] == ["line1", "line2"]
+            async with client.request("POST", "/once", b"") as r:
+                assert await r.read() == b"ok"
+            client._idle[-1][0].feed_data(b"")  # as if the close had not been seen yet: reuse races it
+            client._idle[-1][0]._eof = False  # noqa: SLF001 - the race, made certain
+            async with client.request("POST", "/length", b"{}") as r:  # retried once on a new connection
+                assert r.status == 201 and await r.read() == b"xy\r\nzw\n"
             with pytest.raises(HTTPError, match="not an HTTP/1.1 response"):
                 async with client.request("POST", "/bad", b""):
                     pass

@@ -109,14 +109,16 @@ class Client:
         self._slots = asyncio.Semaphore(max_connections)
         self.connect_timeout_s = connect_timeout_s
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while self._idle:
+    async def _connection(self, fresh: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """(reader, writer, reused): a kept-alive connection if one is idle (unless `fresh`), else a new one."""
+        while self._idle and not fresh:
             reader, writer = self._idle.pop()
             if not writer.is_closing() and not reader.at_eof():
-                return reader, writer
+                return reader, writer, True
             writer.close()
-        return await asyncio.wait_for(asyncio.open_connection(self.host, self.port, limit=MAX_LINE),
-                                      self.connect_timeout_s)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port, limit=MAX_LINE),
+                                                self.connect_timeout_s)
+        return reader, writer, False
 
     def request(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> "_Exchange":
         """An async context manager yielding the `Response`; the connection is reused if the body was read."""
@@ -138,11 +140,23 @@ class _Exchange:
         c = self.client
         await c._slots.acquire()
         try:
-            self.conn = reader, writer = await c._connection()
+            reader, writer, reused = await c._connection()
+            self.conn = reader, writer
             head = (f"{self.method} {c.prefix}{self.path} HTTP/1.1\r\n{c._head}"
-                    f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n\r\n")
-            writer.write(head.encode() + self.body)
-            status_line = await reader.readuntil(b"\r\n")
+                    f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n\r\n").encode()
+            writer.write(head + self.body)
+            try:
+                status_line = await reader.readuntil(b"\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                if not reused:
+                    raise
+                # the server closed this idle connection as we reused it (its keep-alive timeout): nothing
+                # of the request was answered, so it goes once more on a new connection
+                writer.close()
+                reader, writer, _ = await c._connection(fresh=True)
+                self.conn = reader, writer
+                writer.write(head + self.body)
+                status_line = await reader.readuntil(b"\r\n")
             parts = status_line.split(None, 2)
             if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
                 raise HTTPError(f"not an HTTP/1.1 response: {status_line[:80]!r}")
