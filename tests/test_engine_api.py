@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -219,15 +218,6 @@ def test_telemetry_records_steps_and_exports_a_trace(make_engine, tmp_path):
 
     data = json.loads(trace.read_text())
     assert any(e["name"] == "forward" for e in data["traceEvents"])
-
-
-def test_readme_example_runs():
-    """The README's async example, executed as written."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    code = re.search(r"```python\n(# example: async API.*?)```", readme, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["outputs"] and all(o.text for o in namespace["outputs"])
 
 
 def test_a_burst_lands_at_one_step_boundary(make_engine):
