@@ -31,7 +31,7 @@ from .blocks import BlockManager
 from .config import LIVE_FIELDS, EngineConfig
 from .detokenizer import detokenizer_factory
 from .handle import RequestHandle, wake_all
-from .inputs import InputProcessor, check_fits, check_request_id, make_params
+from .inputs import InputProcessor, QueueFullError, check_fits, check_request_id, make_params
 from .loading import LoadedModel, load
 from .openmp import release_idle_workers
 from .outputs import LiveRequest, decode_step, final_output, new_live, take_token
@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_BLOCKS = 512
 MAX_AUTO_BLOCKS = 65536
-
-
-class QueueFullError(ValueError):
-    """Raised by submit when `max_queue` requests are already waiting."""
 
 
 _Live = LiveRequest  # per-request state the loop keeps beside the scheduler's `Request` (outputs.py)

@@ -32,6 +32,10 @@ from .request import SamplingParams
 POOL_SIZE = 4  # copies of the tokenizer at most: more threads than that wait for one to come back
 
 
+class QueueFullError(ValueError):
+    """Raised by submit when `max_queue` requests are already waiting (the HTTP server's 429)."""
+
+
 class TokenizerPool:
     """Private copies of one tokenizer, lent to one thread at a time (made on first need)."""
 

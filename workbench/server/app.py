@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import QueueFullError
+from ..inputs import QueueFullError
 from ..handle import RequestHandle
 from ..request import RequestOutput
 from . import protocol as p
