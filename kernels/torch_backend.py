@@ -56,7 +56,9 @@ def rms_norm(
         # The CPU path, in few torch ops: after a GEMM has streamed megabytes of weights through
         # the caches each op starts cold (tens of us), and F.rms_norm is eight of them inside.
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        scale = torch.addcmul(torch.tensor(eps, dtype=x.dtype), norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
+        # a 0-dim CPU tensor broadcasts for free on a CPU; on a GPU the eps must live on the device
+        eps_t = torch.tensor(eps, dtype=x.dtype) if x.device.type == "cpu" else torch.full_like(norm, eps)
+        scale = torch.addcmul(eps_t, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
         return torch.mul(x, scale).mul_(weight), residual
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
