@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT))  # after site-packages: the repo's kernels/ folder must not shadow a `kernels` distribution
+sys.path.append(str(ROOT))  # the checkout, for `python bench/host_profile.py` without an install
 sys.path.insert(0, str(ROOT / "bench"))
 
 

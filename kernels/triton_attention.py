@@ -400,7 +400,7 @@ def paged_attention(
     max_seqlen_k: int,
     scratch: dict | None = None,
 ) -> torch.Tensor:
-    """Triton version of `reference.paged_attention`: same signature, same result (the launch
+    """Triton version of `torch_backend.paged_attention`: same signature, same result (the launch
     needs nothing from `scratch`)."""
     config = (invariant_config(q.shape[1], k_cache.shape[2], q.shape[2]) if q.dtype == torch.float32
               else _heuristic_config(q, k_cache, seq_lens, max_seqlen_q, max_seqlen_k))
