@@ -381,6 +381,7 @@ class Dashboard(pn.viewable.Viewer):
         desired[key] = value
         note = None
         floor, who = data.kv_floor(self.state.log, self.options.block_size)
+        floor = min(floor, self.options.capacity)
         if desired["num_blocks"] < floor:
             note = (f"usable KV blocks held at {floor}: {who} may grow to {floor} blocks, and a smaller cache "
                     "could never finish it (preemption cannot help), so the engine would end it with an error")
@@ -505,6 +506,8 @@ class Dashboard(pn.viewable.Viewer):
                 if key in cfg:
                     w = getattr(self, key)
                     v = cfg[key]
+                    if v < w.start:  # set elsewhere below this slider's floor (the engine accepted it)
+                        w.start = v
                     if w.value != v or w.value_throttled != v:
                         with param.edit_constant(w):  # value_throttled too, or dragging back to it would not fire
                             w.param.update(value=v, value_throttled=v)
