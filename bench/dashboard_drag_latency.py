@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    log_path = Path(args.out).with_suffix(".serve.log")
+    log_path = Path(tempfile.gettempdir()) / "dashboard_drag_latency.serve.log"  # not a result: kept out of results/
     log = log_path.open("w")
     serve = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "--no-show", "--port", str(port),
                               "--num-blocks", "48", "--max-batch", "2", "--max-new-tokens", "128"],
