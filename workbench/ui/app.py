@@ -1,4 +1,4 @@
-"""`workbench serve`: the live dashboard as a Panel app on one engine.
+"""`workbench serve`: the live dashboard (and at /load the tuning lab's Load view) as a Panel app on one engine.
 
 One engine per server; each browser session gets its own `Dashboard` over it
 (Bokeh models belong to one document). Resources are served inline by the
@@ -78,9 +78,12 @@ def serve(engine: "Engine", *, port: int = 0, address: str = "127.0.0.1", show: 
             self.set_header("Content-Type", "application/json")
             self.write(json.dumps(status(engine), default=str))
 
+    from .load_view import load_view
+
     port = port or free_port(address)
-    log.info("dashboard: http://%s:%d/  (status: /status)", address, port)
-    return pn.serve({"/": lambda: Dashboard(engine, max_new_tokens=max_new_tokens)}, port=port, address=address,
+    log.info("dashboard: http://%s:%d/  (the tuning lab's Load view: /load; status: /status)", address, port)
+    apps = {"/": lambda: Dashboard(engine, max_new_tokens=max_new_tokens), "/load": lambda: load_view(engine)}
+    return pn.serve(apps, port=port, address=address,
                     websocket_origin=[f"{address}:{port}", f"localhost:{port}"], show=show, start=start,
                     title="cb-workbench dashboard", verbose=False,
                     extra_patterns=[(r"/status", StatusHandler)], **kwargs)
