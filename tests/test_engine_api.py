@@ -310,3 +310,16 @@ def _stream_through_a_handle(n: int) -> None:
     producer.join()
     assert [c.token_ids[0] for c in chunks[:-1]] == list(range(n))
     assert chunks[-1].finished and handle.result(timeout=1).finish_reason == "length"
+
+
+def test_quick_posts_of_different_knobs_all_hold(make_engine):
+    """reconfigure(wait=False) twice, on two knobs, before the loop applies either: both hold (each
+    post builds on the last posted config, not on the applied one, which would undo the first)."""
+    engine = make_engine(max_batch=4, token_budget=256)
+    handle = engine.submit("Tell me a story.", max_new_tokens=24, ignore_eos=True)  # the loop is busy stepping
+    a = engine.reconfigure(wait=False, max_batch=3)
+    b = engine.reconfigure(wait=False, token_budget=128)
+    assert (a.max_batch, b.max_batch, b.token_budget) == (3, 3, 128)
+    handle.result(timeout=120)
+    applied = engine.reconfigure(policy=engine.config.policy)  # waits: every post before it has applied
+    assert (applied.max_batch, applied.token_budget) == (3, 128)

@@ -108,6 +108,7 @@ class Engine:
         self._step_index = 0
         self._pending = 0  # submitted, not yet handed to the scheduler (guarded by _lock)
         self._lock = threading.Lock()  # orders submit against stop, so no request slips past a stop
+        self._posted: EngineConfig | None = None  # the config the last reconfigure will leave
         self.num_failed_steps = 0
         if self.config.freeze_gc is None:
             self.config = self.config.replace(freeze_gc=device.type == "cuda")
@@ -290,8 +291,9 @@ class Engine:
         """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy, overlap) at the next step.
 
         With `wait=False` the change is posted and the validated config that will apply is returned at
-        once: a UI thread must never wait on the loop. Posts apply in order, so the last one wins;
-        `engine.config` shows the applied config. From an `on_done` callback (the loop thread) the
+        once: a UI thread must never wait on the loop. Each post builds on the one before (two quick
+        posts of different knobs both hold), posts apply in order, and `engine.config` shows the applied
+        config. From an `on_done` callback (the loop thread) the
         change applies at once, at that step boundary."""
         for key in changes:
             if key not in LIVE_FIELDS:
@@ -303,7 +305,9 @@ class Engine:
                                  f"at start), got {n!r}")
         if "overlap" in changes and changes["overlap"] is None:
             changes["overlap"] = self.device.type == "cuda"  # None: the device's default, as at start
-        new = self.config.replace(**changes)
+        with self._lock:  # build on the last posted config, so quick posts of different knobs all hold
+            new = (self._posted or self.config).replace(**changes)
+            self._posted = new
         done = threading.Event()
 
         def apply() -> None:
