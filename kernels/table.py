@@ -43,9 +43,12 @@ class Kernels(NamedTuple):
     rope_store_attention: Callable
 
 
-TORCH = Kernels("torch", torch_backend.linear, torch_backend.gate_up_silu, torch_backend.rms_norm, torch_backend.rope,
-                torch_backend.rope_store_kv, torch_backend.silu_and_mul, torch_backend.store_kv,
-                torch_backend.paged_attention, torch_backend.rope_store_attention)
+def _table(name: str, module: object) -> Kernels:
+    """A module's functions, one per operation, as a table (the modules never import this one)."""
+    return Kernels(name, *(getattr(module, op) for op in Kernels._fields[1:]))
+
+
+TORCH = _table("torch", torch_backend)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -76,4 +79,4 @@ def select(device: torch.device | str, backend: Backend = "auto") -> Kernels:
         if backend == "triton":
             raise
         return TORCH
-    return triton_ops.KERNELS
+    return _table("triton", triton_ops)

@@ -16,11 +16,10 @@ import triton.language as tl
 
 from . import torch_backend
 from .launch import pdl, release_next, wait_for_previous
-from .table import Kernels
 from .triton_attention import decode_with_rope, paged_attention, rotate_pair
 from .triton_gemm import fits, invariant_linear, skinny_linear
 
-__all__ = ["KERNELS", "linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv",
+__all__ = ["linear", "gate_up_silu", "rms_norm", "rope", "rope_store_kv", "silu_and_mul", "store_kv",
            "paged_attention", "rope_store_attention"]
 
 
@@ -352,7 +351,3 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
                                max_seqlen_q, max_seqlen_k)
     return decode_with_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, cu_seqlens_q, seq_lens,
                             block_tables, scale, max_seqlen_k)
-
-
-KERNELS = Kernels("triton", linear, gate_up_silu, rms_norm, rope, rope_store_kv, silu_and_mul, store_kv, paged_attention,
-                  rope_store_attention)

@@ -193,7 +193,7 @@ def test_kernel_table_signatures_agree():
     import inspect
 
     for name in table.Kernels._fields[1:]:
-        ours = inspect.signature(getattr(triton_ops.KERNELS, name))
+        ours = inspect.signature(getattr(triton_ops, name))
         theirs = inspect.signature(getattr(torch_backend, name))
         assert list(ours.parameters) == list(theirs.parameters), name
         assert getattr(table.TORCH, name) is getattr(torch_backend, name)
