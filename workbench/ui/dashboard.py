@@ -115,6 +115,15 @@ class _Text:
             self.div.visible = value
 
 
+def _take_final(out: "_Output", handle: "RequestHandle | None") -> None:
+    """A card no event loop streams (submitted outside one) shows its request's final text once it ends."""
+    if out.streamed or out.reason is not None or handle is None or handle.output is None:
+        return
+    o = handle.output
+    out.text, out.tokens, out.reason, out.error = o.text, len(o.token_ids), o.finish_reason, o.error
+    out.version += 1
+
+
 @dataclass(slots=True)
 class _Output:
     """One submitted request's text: filled by its consumer task (or at the end), rendered by the tick."""
@@ -128,6 +137,7 @@ class _Output:
     streamed: bool = True
     version: int = 0
     task: Any = None
+    handle: Any = None  # its RequestHandle: a card no loop streams takes the final text from it
 
     def add(self, chunk: StreamChunk) -> None:
         self.text += chunk.text
@@ -337,7 +347,7 @@ class Dashboard(pn.viewable.Viewer):
             loop = None
         out = _Output("", label, streamed=loop is not None)
         handle = self.engine.submit(prompt, on_done=lambda h, out=out: self._on_done(h, out), **sampling)
-        out.request_id = handle.request_id
+        out.request_id, out.handle = handle.request_id, handle
         self._add_output(out)
         if loop is not None:
             out.task = loop.create_task(self._consume(handle, out))
@@ -443,10 +453,7 @@ class Dashboard(pn.viewable.Viewer):
     @staticmethod
     def _on_done(handle: "RequestHandle", out: _Output) -> None:
         """Engine thread: the request ended; only flag it (the consumer task or the tick renders)."""
-        if not out.streamed and handle.output is not None:  # no event loop streamed it: show the final text
-            o = handle.output
-            out.text, out.tokens, out.reason, out.error = o.text, len(o.token_ids), o.finish_reason, o.error
-            out.version += 1
+        _take_final(out, handle)
 
     @staticmethod
     async def _consume(handle: "RequestHandle", out: _Output) -> None:
@@ -459,6 +466,8 @@ class Dashboard(pn.viewable.Viewer):
         if not _notebook_comm_open(self.layout):
             return  # nothing is drained, so nothing is lost: the next tick takes it all
         st = self.state
+        for out in list(self._outputs.values()):  # on_done runs after the step; a finished handle is final now
+            _take_final(out, out.handle)
         snap = self.engine.telemetry.snapshot(st.last_step, st.last_seq)
         self._apply(planner.plan(st, snap, _live(self.engine.config), self.options))
         self.ticks += 1
