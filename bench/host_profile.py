@@ -70,9 +70,9 @@ def run(engine, prompts, new_tokens: int) -> int:
     engine._running = True  # drive the loop by hand on this thread
     handles = [engine.submit(p, max_new_tokens=new_tokens, ignore_eos=True) for p in prompts]
     steps = 0
-    while engine.scheduler.has_work() or engine._inflight is not None or engine._pending:
+    while engine.core.has_work() or engine._pending:
         engine._drain_inbox(block=False)
-        engine._step_guarded()
+        engine.core.step()
         steps += 1
     assert all(h.done and h.output.finish_reason == "length" for h in handles)
     engine._running = False

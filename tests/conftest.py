@@ -55,7 +55,7 @@ def make_engine(embedded):
         if engine.is_running:
             engine.check_invariants()
             engine.stop()
-        assert not engine._live, f"requests never ended: {list(engine._live)}"
+        assert not engine.outputs.live, f"requests never ended: {list(engine.outputs.live)}"
         assert not engine.scheduler.has_work(), "scheduler still holds requests"
         assert engine.blocks.num_free == engine.blocks.limit, (
             f"KV blocks leaked: {engine.blocks.limit - engine.blocks.num_free} still owned")

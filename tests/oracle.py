@@ -35,22 +35,25 @@ def forced_logits(loaded: LoadedModel, prompts: list[list[int]], continuations: 
     rows: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
     wanted = {r.request_id: len(p) + len(c) - 1 for r, p, c in zip(requests, prompts, continuations)}
     cont = {r.request_id: c for r, c in zip(requests, continuations)}
+    by_id = {r.request_id: r for r in requests}
     while scheduler.has_work():
-        batch = scheduler.schedule()
-        assert batch.items, "scheduler made no progress"
-        logits = runner.logits(batch)
-        scheduler.advance(batch)
+        plan = scheduler.schedule()
+        assert len(plan), "scheduler made no progress"
+        logits = runner.logits(plan)
+        scheduler.advance()
         offset = 0
-        for item in batch.items:
-            r = item.request
-            rows[r.request_id].append(logits[offset : offset + item.num_tokens])
-            offset += item.num_tokens
-            if item.samples:
-                done = sum(len(x) for x in rows[r.request_id]) >= wanted[r.request_id]
+        for rid, n, samples in zip(plan.request_ids, plan.num_tokens, plan.samples):
+            r = by_id[rid]
+            rows[rid].append(logits[offset : offset + n])
+            offset += n
+            if samples:
+                done = sum(len(x) for x in rows[rid]) >= wanted[rid]
                 if done:
                     scheduler.finish(r)
-                else:
-                    r.output_token_ids.append(cont[r.request_id][len(r.output_token_ids)])
+                else:  # the given token instead of a sampled one, on the host and in the runner
+                    token = cont[rid][len(r.output_token_ids)]
+                    runner.table.force_tokens(rid, len(r.prompt_token_ids) + len(r.output_token_ids), [token])
+                    r.receive(token)
         scheduler.check()
     assert blocks.num_free == num_blocks
     return [torch.cat(rows[r.request_id])[: wanted[r.request_id]].cpu() for r in requests]

@@ -128,8 +128,8 @@ def test_fp32_model_logits_of_a_request_do_not_depend_on_its_neighbours():
         sched = Scheduler(BlockManager(2048, 16, False), 128, 16384, "fcfs")
         for j, p in enumerate(prompts):
             sched.add(Request(f"r{j}", p, SamplingParams(max_new_tokens=4)))
-        batch = sched.schedule()
-        return runner.logits(batch)[torch.tensor(prompts_ends(prompts), device="cuda")]
+        plan = sched.schedule()
+        return runner.logits(plan)[torch.tensor(prompts_ends(prompts), device="cuda")]
 
     def prompts_ends(prompts):
         ends, total = [], 0

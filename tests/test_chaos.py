@@ -149,5 +149,5 @@ def test_chaos_in_both_loops(make_engine, monkeypatch, overlap):
             assert out.finish_reason in ("length", "stop", "cancelled")
     assert reasons["cancelled"] and (reasons["length"] + reasons["stop"]), reasons
     engine.check_invariants()
-    assert not engine._live and not engine.scheduler.has_work()
+    assert not engine.outputs.live and not engine.scheduler.has_work()
     assert engine.blocks.num_free == engine.blocks.limit, "KV blocks leaked"

@@ -100,7 +100,7 @@ def engine(embedded):
     yield eng
     eng.check_invariants()
     eng.stop()
-    assert not eng._live and eng.blocks.num_free == eng.blocks.limit
+    assert not eng.outputs.live and eng.blocks.num_free == eng.blocks.limit
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -147,11 +147,11 @@ def test_mixed_step_graphs_equal_eager_with_chunked_prefill_and_sampling(hf32):
 
 
 def test_one_wrong_carried_over_token_fails_the_overlap_comparison(hf32, monkeypatch):
-    """The exact comparison above can fail: break the carry-over of one token once (its row reads the
-    host's placeholder id instead of the token sampled on the device) and overlap != sync."""
+    """The exact comparison above can fail: break the carry-over of one token once (its row reads
+    id 0 from the host instead of the token sampled on the device) and overlap != sync."""
     import numpy as np
 
-    from workbench.runner import ModelRunner
+    from workbench import runner as runner_module
 
     loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
     ps = prompts(8, 6, lo=8, hi=40)
@@ -163,16 +163,15 @@ def test_one_wrong_carried_over_token_fails_the_overlap_comparison(hf32, monkeyp
                                                                 progress=False)]
 
     sync = run(False)
-    fill, broken = ModelRunner._fill, []
+    build, broken = runner_module.build_host_step, []
 
-    def fill_with_one_wrong_carry(self, slot, batch, prev):
-        T, B, S, width = fill(self, slot, batch, prev)
-        carry = slot.carry.numpy()[:T]
-        rows = np.flatnonzero(carry >= 0)
-        if not broken and len(rows) and self._next_slot == 1 and len(batch.items) >= 4:
-            carry[rows[-1]] = -1  # that row keeps the placeholder id 0
-            broken.append(batch.items[-1].request.request_id)
-        return T, B, S, width
+    def build_with_one_wrong_carry(plan, rows, table, block_size):
+        step = build(plan, rows, table, block_size)
+        carried = np.flatnonzero(step.host_ids < 0)
+        if not broken and len(carried) >= 4:
+            step.host_ids[carried[-1]] = 0  # that row reads id 0, not the token its last step sampled
+            broken.append(plan.request_ids[-1])
+        return step
 
-    monkeypatch.setattr(ModelRunner, "_fill", fill_with_one_wrong_carry)
+    monkeypatch.setattr(runner_module, "build_host_step", build_with_one_wrong_carry)
     assert run(True) != sync and broken

@@ -49,7 +49,7 @@ def test_callbacks_may_use_every_api_call_and_run_outside_the_step(make_engine):
 
     def everything(handle):
         try:
-            seen["done_when_called"] = handle.done and handle.request_id not in engine._live
+            seen["done_when_called"] = handle.done and handle.request_id not in engine.outputs.live
             seen["config"] = engine.reconfigure(max_batch=3)
             engine.check_invariants()
             seen["stats"] = engine.stats()
@@ -119,7 +119,7 @@ def test_generate_batch_validates_every_prompt_before_submitting_any(make_engine
     with pytest.raises(ValueError, match="prompt is 1095 tokens"):
         engine.generate_batch([P, P, too_long], max_new_tokens=50, progress=False)
     engine.check_invariants()  # a step boundary: anything submitted would be in the scheduler now
-    assert not engine._live and not engine.scheduler.has_work()
+    assert not engine.outputs.live and not engine.scheduler.has_work()
     assert not [e for e in engine.telemetry.events() if e.kind == "queued"], "orphans were submitted"
 
 
@@ -128,7 +128,7 @@ def test_generate_batch_timeout_cancels_its_requests_before_raising(make_engine)
     with pytest.raises(TimeoutError, match="cancelled"):
         engine.generate_batch([P, P], max_new_tokens=500, ignore_eos=True, timeout=0.5, progress=False)
     engine.check_invariants()  # the cancels were posted before the raise: they ran by this boundary
-    assert not engine._live and engine.blocks.num_free == engine.blocks.limit
+    assert not engine.outputs.live and engine.blocks.num_free == engine.blocks.limit
     cancelled = [e for e in engine.telemetry.events() if e.kind == "cancelled"]
     assert len(cancelled) == 2
 
@@ -209,7 +209,7 @@ def test_bad_fields_raise_value_error_naming_the_field(make_engine, prompt, samp
         engine.submit(prompt, **sampling)
     with pytest.raises(ValueError, match=re.escape(field)):
         engine.submit_many([SHORT, prompt], **sampling)
-    assert not engine._live
+    assert not engine.outputs.live
 
 
 def test_reconfigure_num_blocks_names_the_usable_range(make_engine):

@@ -198,7 +198,7 @@ def test_thousand_concurrent_requests_none_lost_duplicated_or_leaked(load_run, t
 
     # ------------------------------------------------------ no leak, still serving
     engine.check_invariants()
-    assert not engine._live and not engine.scheduler.has_work()
+    assert not engine.outputs.live and not engine.scheduler.has_work()
     assert engine.blocks.num_free == engine.blocks.limit
     engine.blocks.check([])
     after = engine.generate_batch([[5, 6, 7]], max_new_tokens=5, ignore_eos=True, progress=False)[0]

@@ -1,7 +1,7 @@
 """The overlapped loop (schedule and launch step N+1 before finishing step N) on the CPU.
 
-On a CPU the runner computes inside `launch`, but the engine still runs the
-overlapped protocol: PENDING placeholders, carry-over bookkeeping, stops seen
+On a CPU the compute worker runs each step while the loop plans the next, and the engine runs the
+overlapped protocol: tokens in flight read from the request table, stops seen
 one step late, preemption with a token in flight. Outputs must equal the
 synchronous loop's exactly.
 """
@@ -78,6 +78,31 @@ def test_overlap_cancel_mid_flight_and_toggle_live(make_engine):
     assert any(s.overlapped for s in steps) and any(not s.overlapped for s in steps)
 
 
+def test_one_wrong_carried_over_token_fails_the_comparison(make_engine, monkeypatch):
+    """The exact overlap == sync comparisons above can fail: one token read from the host (id 0)
+    instead of from the request table, where its step sampled it, changes the outputs."""
+    import numpy as np
+
+    from workbench import runner as runner_module
+
+    prompts = CHATS[:6]
+    kw = dict(max_new_tokens=12, ignore_eos=True, max_batch=6)
+    sync_out, _, _ = run(make_engine, False, prompts, **dict(kw))
+    build, broken = runner_module.build_host_step, []
+
+    def build_with_one_wrong_carry(plan, rows, table, block_size):
+        step = build(plan, rows, table, block_size)
+        carried = np.flatnonzero(step.host_ids < 0)
+        if not broken and len(carried) >= 4:
+            step.host_ids[carried[-1]] = 0
+            broken.append(plan.request_ids[-1])
+        return step
+
+    monkeypatch.setattr(runner_module, "build_host_step", build_with_one_wrong_carry)
+    over_out, _, _ = run(make_engine, True, prompts, **dict(kw))
+    assert broken and [o.token_ids for o in over_out] != [o.token_ids for o in sync_out]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_seeded_sampling_same_in_both_loops(make_engine, overlap):
     engine = make_engine(overlap=overlap)
@@ -87,67 +112,98 @@ def test_seeded_sampling_same_in_both_loops(make_engine, overlap):
     assert a[0].token_ids == b[0].token_ids
 
 
-def test_graph_inputs_staged_padded_and_carried():
-    """The decode-graph input path on plain tensors: one staged buffer holds the step in the
-    static layout, padding rows write no KV slot, and carried tokens come from the step before."""
-    from types import SimpleNamespace
+def _cpu_families(runner, max_batch: int, token_budget: int):
+    """The two CUDA-graph families' static buffers, made on the CPU (no capture): their layouts
+    and the step function a graph records can run there as plain tensor code."""
+    from workbench.graphs import DecodeGraphs, MixedGraphs
 
+    vocab, dtype = runner.model.embed_tokens.weight.shape[0], runner.model.embed_tokens.weight.dtype
+    return (DecodeGraphs(max_batch, runner.max_model_len, runner.max_blocks, vocab, dtype, runner.device),
+            MixedGraphs(max_batch, token_budget, runner.max_model_len, runner.max_blocks, runner.block_size, vocab,
+                        dtype, runner.device))
+
+
+def test_graph_layouts_run_the_same_step_as_eager(embedded):
+    """Every step of a mixed workload (chunked prefills, decodes, a carried-over token each decode)
+    staged into a graph family's padded static layout and run through the very function the graph
+    captures gives the eager step's tokens, and leaves the same tokens in the request table."""
+    import numpy as np
+    import torch
+
+    from workbench.blocks import BlockManager
+    from workbench.request import Request, SamplingParams
+    from workbench.runner import ModelRunner
+    from workbench.scheduler import Scheduler
+    from workbench.step_inputs import build_host_step
+
+    runner = ModelRunner(embedded, num_blocks=64, block_size=16, device=torch.device("cpu"), dtype=torch.float32,
+                         kernel_backend="torch", max_model_len=256, max_batch=6, token_budget=48)
+    decode, mixed = _cpu_families(runner, 6, 48)
+    assert decode.sizes == [1, 2, 4, 6] and mixed.sizes == [48]
+    scheduler = Scheduler(BlockManager(64, 16), max_batch=6, token_budget=48)
+    lengths = [5, 30, 17, 61, 9]
+    for i, n in enumerate(lengths):
+        scheduler.add(Request(f"r{i}", [(7 * i + 3 * k) % 900 + 10 for k in range(n)],
+                              SamplingParams(max_new_tokens=6, ignore_eos=True)))
+    used = {"decode": 0, "mixed": 0}
+    with torch.inference_mode():
+        while scheduler.has_work():
+            plan = scheduler.schedule()
+            rows = runner.table.apply(plan)
+            step = build_host_step(plan, rows, runner.table, 16)
+            before = runner.table.device_tokens.clone()
+            slot = runner._slots[0]
+            slot.pinned.write(step)
+            eager = runner._eager_step(step, slot).tolist()
+            after_eager = runner.table.device_tokens.clone()
+            runner.table.device_tokens.copy_(before)
+            family = decode if (plan.decode_only and len(plan) <= decode.top) else mixed
+            host = np.full(family.numel, 99, dtype=np.int64)  # stale values everywhere
+            key, numel = family.prepare(step, host, runner.table.scratch)
+            family.static.fill_(77)
+            family.load(torch.from_numpy(host), numel)
+            if family is mixed:  # the parts of the layout past `numel` are only ever read as padding
+                family.views["tables"][len(plan) + 1 :] = 0
+            rows_ = family.rows(key)
+            runner._greedy_step(family.inputs(key, runner.kv_caches), family.logits[:rows_], family.tokens[:rows_])
+            S = step.num_samples
+            assert family.tokens[:S].tolist() == eager, (family.kind, plan)
+            scratch = runner.table.scratch
+            assert torch.equal(runner.table.device_tokens[:scratch], after_eager[:scratch])
+            used[family.kind] += 1
+            scheduler.advance()
+            for rid, token in zip(plan.sampling_ids, eager):
+                request = next(r for r in scheduler.running if r.request_id == rid)
+                request.receive(token)
+                if len(request.output_token_ids) == 6:
+                    scheduler.finish(request)
+    assert used["decode"] >= 3 and used["mixed"] >= 3, used
+    assert not runner.table.row_of or set(runner.table.row_of) <= {f"r{i}" for i in range(5)}
+
+
+def test_decode_graph_layout_pads_rows_to_nowhere():
+    """A decode step padded to its bucket: padding rows store no K/V, read a 1-token context and
+    write their token to the table's scratch cell, never a request's row."""
     import numpy as np
     import torch
 
     from workbench.graphs import DecodeGraphs
+    from workbench.step_inputs import HostStep
 
-    model = SimpleNamespace(embed_tokens=torch.nn.Embedding(10, 4), lm_head=None)
-    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=5, max_model_len=80, model=model,
-                             last_sampled=torch.tensor([40, 41, 42, 43, 44, 45, 46, 47, 48]))
-    graphs = DecodeGraphs(runner, max_batch=8)
-    B, size = 3, graphs.bucket(3)
-    assert size == 4 and graphs.sizes[-1] == 8
-    host = np.full(graphs.numel, 99, dtype=np.int64)  # stale values everywhere
-    tables = np.array([[7, 8], [3, 0], [5, 6]], dtype=np.int64)
-    numel = graphs.stage(host, ids=np.array([11, 0, 13]), positions=np.array([17, 4, 20]),
-                         slots=np.array([113, 52, 84]), carry=np.array([-1, 2, -1]), cu=np.arange(4),
-                         seq_lens=np.array([18, 5, 21]), logits_idx=np.arange(3), tables=tables)
+    graphs = DecodeGraphs(8, 80, 5, 10, torch.float32, torch.device("cpu"))
+    step = HostStep(host_ids=np.array([11, -1, -1]), table_index=np.array([17, 81 + 4, 162 + 20]),
+                    positions=np.array([17, 4, 20]), slots=np.array([113, 52, 84]), cu_seqlens=np.arange(4),
+                    seq_lens=np.array([18, 5, 21]), logits_index=np.arange(3), out_index=np.array([18, 86, 183]),
+                    tables=np.array([[7, 8], [3, 0], [5, 6]], dtype=np.int32), sample_rows=np.arange(3),
+                    counters=np.zeros(3, dtype=np.int64), decode_only=True)
+    host = np.full(graphs.numel, 99, dtype=np.int64)
+    key, numel = graphs.prepare(step, host, scratch=999)
+    assert key == (80, 4) and graphs.bucket(3) == 4
     graphs.load(torch.from_numpy(host), numel)
-    graphs.carry_in(size)  # the first nodes of the captured graph
-    assert graphs.ids[:size].tolist() == [11, 42, 13, 0]  # row 1 carried the previous step's sample 2
-    assert graphs.positions[:size].tolist() == [17, 4, 20, 0]
-    assert graphs.slot_mapping[:size].tolist() == [113, 52, 84, -1]  # the padding row stores nothing
-    assert graphs.seq_lens[:size].tolist() == [18, 5, 21, 1]
-    assert graphs.tables[:B, :2].tolist() == tables.tolist() and graphs.tables[3, 0].item() == 0
-    graphs._argmax_out(torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 5.0]]))  # the last nodes of the graph
-    assert runner.last_sampled[:3].tolist() == [1, 2, 42]  # the next step carries from here
-
-
-def test_mixed_step_graph_inputs_padded_into_one_padding_sequence():
-    """A prefill chunk and a decode in one step, staged for a mixed-step graph: the padding tokens
-    form one extra sequence that stores nothing and reads block 0, the other slots are empty."""
-    from types import SimpleNamespace
-
-    import numpy as np
-    import torch
-
-    from workbench.graphs import MixedGraphs, token_buckets
-
-    assert token_buckets(512) == [64, 96, 128, 192, 256, 384, 512]
-    assert token_buckets(100) == [64, 96, 100]
-    model = SimpleNamespace(embed_tokens=torch.nn.Embedding(10, 4), lm_head=None)
-    runner = SimpleNamespace(device=torch.device("cpu"), max_blocks=16, max_model_len=64, block_size=4, model=model,
-                             last_sampled=torch.tensor([70, 71, 72, 73, 74]))
-    graphs = MixedGraphs(runner, max_batch=3, token_budget=100)
-    assert graphs.sizes == [64] and graphs.p == 4  # buckets capped at max_model_len
-    host = np.full(graphs.numel, 99, dtype=np.int64)  # stale values everywhere
-    T = 6  # request 0: a 5-token chunk at positions 3..7 (samples); request 1: one decode (carried)
-    numel = graphs.stage(host, ids=np.array([5, 6, 7, 8, 9, 0]), positions=np.array([3, 4, 5, 6, 7, 10]),
-                         slots=np.array([3, 4, 5, 6, 7, 50]), carry=np.array([-1, -1, -1, -1, -1, 1]),
-                         cu=np.array([0, 5, 6]), seq_lens=np.array([8, 11]), logits_idx=np.array([4, 5]),
-                         tables=np.array([[0, 1, 0], [9, 11, 12]]))
-    graphs.load(torch.from_numpy(host), numel)
-    graphs.carry_in(64)
-    assert graphs.ids[:T].tolist() == [5, 6, 7, 8, 9, 71] and not graphs.ids[T:64].any()
-    assert graphs.slot_mapping[T:64].eq(-1).all() and graphs.positions[T:64].eq(0).all()
-    assert graphs.cu.tolist() == [0, 5, 6, 64, 64]  # the padding sequence owns tokens 6..63
-    assert graphs.seq_lens.tolist() == [8, 11, 58, 0]
-    assert graphs.logits_idx.tolist() == [4, 5, 0, 0]
-    assert graphs.tables[:2, :3].tolist() == [[0, 1, 0], [9, 11, 12]]
-    assert graphs.tables[2, :15].eq(0).all()  # 58 tokens of its own context: block 0, always
+    v = graphs.views
+    assert v["host_ids"][:4].tolist() == [11, -1, -1, 0]
+    assert v["slots"][:4].tolist() == [113, 52, 84, -1]  # the padding row stores nothing
+    assert v["seq_lens"][:4].tolist() == [18, 5, 21, 1]
+    assert v["out_index"][:4].tolist() == [18, 86, 183, 999]
+    assert v["tables"][:3, :2].tolist() == [[7, 8], [3, 0], [5, 6]] and v["tables"][3, 0].item() == 0
+    assert numel == graphs.numel - 4 * 5  # the unused bucket rows of the table are not copied

@@ -137,11 +137,11 @@ def test_cancel_queued_prefilling_and_decoding_requests(make_engine, monkeypatch
     prefilling_now, cancels_sent = threading.Event(), threading.Event()
     advance = Scheduler.advance
 
-    def advance_and_pause(self, batch):
-        advance(self, batch)
-        if self is engine.scheduler and any(r.request_id == "queued" for r in self.waiting) and any(
-                i.request.request_id == "long" and i.request.num_computed < i.request.num_tokens - 16
-                for i in batch.items):
+    def advance_and_pause(self):
+        long = next((r for r in self.running if r.request_id == "long"), None)
+        advance(self)
+        if self is engine.scheduler and any(r.request_id == "queued" for r in self.waiting) and (
+                long is not None and long.num_computed < long.num_tokens - 16):
             prefilling_now.set()
             cancels_sent.wait(30)
 
@@ -267,7 +267,7 @@ def test_a_loop_that_dies_fails_every_request_with_the_cause(make_engine, monkey
     def sticky_fault(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(engine, "_step_guarded", sticky_fault)
+    monkeypatch.setattr(engine.core, "step", sticky_fault)
     for h in handles:
         out = h.result(timeout=60)
         assert out.finish_reason == "error"
@@ -324,7 +324,7 @@ def test_stop_racing_concurrent_submits_leaves_no_request_open(make_engine):
     for h in accepted:
         out = h.result(timeout=10)
         assert out.finish_reason in ("error", "length")
-    assert not engine._live
+    assert not engine.outputs.live
 
 
 def test_a_submit_still_validating_when_stop_returns_is_refused_not_left_open(make_engine, monkeypatch):
@@ -356,7 +356,7 @@ def test_a_submit_still_validating_when_stop_returns_is_refused_not_left_open(ma
     thread.join(30)
     assert busy.result(timeout=10).error == "engine stopped"
     assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), f"got {outcome}: it would never end"
-    assert not engine._live
+    assert not engine.outputs.live
 
 
 # --------------------------------------------------------------- admission control

@@ -54,10 +54,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.ended: list[Request] = []
         self.ids = itertools.count()
         self.steps = 0
+        self.runner_tables: dict[str, list[int]] = {}  # what a runner that only reads plans holds
+        self.most_batch = max_batch
 
     # ------------------------------------------------------------------ helpers
     def _end(self, request: Request, reason: str) -> None:
-        """What Engine._end does to the scheduler: out of the queues, blocks back."""
+        """What the output processor's `end` does to the scheduler: out of the queues, blocks back."""
         self.sched.remove(request)
         request.status = Status.FINISHED
         request.finish_reason = reason
@@ -95,10 +97,33 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert slot not in written, f"two requests write slot {slot} in one step"
                 written.add(slot)
 
+    def _check_plan(self, batch: Batch, plan) -> None:
+        """The plan is the batch in plain data, and a runner that only reads plans keeps every
+        running request's block table exactly (admissions, block deltas, preemptions, departures),
+        in no more rows than the largest max_batch so far."""
+        assert plan.request_ids == [i.request.request_id for i in batch.items]
+        assert plan.starts == [i.start for i in batch.items] and plan.num_tokens == [i.num_tokens for i in batch.items]
+        assert plan.samples == [i.samples for i in batch.items] and plan.kinds == [i.kind for i in batch.items]
+        assert plan.preempted_ids == [r.request_id for r in batch.preempted]
+        for rid in plan.finished_ids:
+            self.runner_tables.pop(rid, None)
+        for rid in plan.preempted_ids:
+            if rid in self.runner_tables:
+                self.runner_tables[rid] = []
+        for admission in plan.admitted:
+            self.runner_tables[admission.request_id] = []
+        for rid, new in zip(plan.request_ids, plan.new_block_ids):
+            self.runner_tables[rid] += new
+        for item in batch.items:
+            assert self.runner_tables[item.request.request_id] == item.request.block_ids, "a runner's table drifted"
+        self.most_batch = max(self.most_batch, self.sched.max_batch)
+        assert len(self.runner_tables) <= self.most_batch, "the runner would hold more rows than max_batch"
+
     def _run_step(self) -> Batch:
         """One engine step without a model: schedule, 'compute' into the simulated KV, sample, finish."""
-        batch = self.sched.schedule()
+        batch = self.sched.schedule_batch()
         self._check_batch(batch)
+        self._check_plan(batch, self.sched.emit(batch))
         assert batch.items, "work is waiting but nothing was scheduled (livelock)"
         bs = self.blocks.block_size
         for item in batch.items:
@@ -109,12 +134,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             r, tokens = item.request, item.request.all_token_ids
             seen = [self.kv[r.block_ids[p // bs]][p % bs] for p in range(item.start + item.num_tokens)]
             assert seen == tokens[: item.start + item.num_tokens], f"{r.request_id} reads a wrong context"
-        self.sched.advance(batch)
+        self.sched.advance()
         for item in batch.items:
             if not item.samples:
                 continue
             r = item.request
-            r.output_token_ids.append(fake_token(r.all_token_ids))
+            assert r.num_in_flight == 1
+            r.receive(fake_token(r.all_token_ids))
             if len(r.output_token_ids) >= r.params.max_new_tokens:
                 self._end(r, "length")
             elif r.params.stop and r.output_token_ids[-1] == STOP_TOKEN:
@@ -149,7 +175,7 @@ class SchedulerMachine(RuleBasedStateMachine):
           policy=st.none() | st.sampled_from(["continuous", "static", "sequential"]))
     def reconfigure(self, max_batch: int | None, token_budget: int | None, num_blocks: int | None,
                     caching: bool | None, policy: str | None) -> None:
-        """What Engine._apply_config does, at a step boundary."""
+        """What EngineCore.apply_config does, at a step boundary."""
         s = self.sched
         s.max_batch = max_batch or s.max_batch
         s.token_budget = token_budget or s.token_budget
@@ -275,16 +301,18 @@ def test_preemption_takes_the_newest_running_request_and_requeues_it_first() -> 
     old, mid, new = (Request(name, [1, 2, 3, 4], SamplingParams(8)) for name in ("old", "mid", "new"))
     for r in (old, mid, new):
         sched.add(r)
-    batch = sched.schedule()  # all three prefilled: 2 blocks each, the cache is full
-    assert [i.request for i in batch.items] == [old, mid, new] and bm.num_free == 0
-    sched.advance(batch)
+    plan = sched.schedule()  # all three prefilled: 2 blocks each, the cache is full
+    assert plan.request_ids == ["old", "mid", "new"] and bm.num_free == 0
+    assert [a.request_id for a in plan.admitted] == ["old", "mid", "new"] and plan.new_block_ids == [[0, 1], [2, 3], [4, 5]]
+    sched.advance()
     for r in (old, mid, new):
-        r.output_token_ids.append(0)
+        r.receive(0)
     late = Request("late", [1, 1], SamplingParams(2))
     sched.add(late)
-    batch = sched.schedule()  # each decode needs a third block: only preempting frees one
-    assert batch.preempted == [new]
-    assert [i.request for i in batch.items] == [old, mid] and list(sched.running) == [old, mid]
+    plan = sched.schedule()  # each decode needs a third block: only preempting frees one
+    assert plan.preempted_ids == ["new"] and not plan.admitted
+    assert plan.request_ids == ["old", "mid"] and list(sched.running) == [old, mid]
+    assert plan.new_block_ids == [[5], [4]]  # the blocks `new` gave back, newest first
     assert list(sched.waiting) == [new, late]
     assert new.block_ids == [] and new.num_computed == 0 and new.output_token_ids == [0]
     assert new.num_preemptions == 1 and new.status is Status.WAITING
@@ -303,19 +331,19 @@ def test_requests_sharing_an_opening_wait_one_step_and_then_reuse_its_blocks() -
     other = Request("other", [9, 9, 9, 9, 9], SamplingParams(4))
     for r in (a, b, c):
         sched.add(r)
-    batch = sched.schedule()
-    assert [i.request for i in batch.items] == [a] and list(sched.waiting) == [b, c]
+    plan = sched.schedule()
+    assert plan.request_ids == ["a"] and list(sched.waiting) == [b, c]
     assert b.block_ids == [] and b.num_computed == 0
     sched.check()
-    sched.advance(batch)
-    a.output_token_ids.append(0)
+    sched.advance()
+    a.receive(0)
     sched.add(other)
-    batch = sched.schedule()
-    assert [i.request for i in batch.items] == [a, b, c, other]
+    plan = sched.schedule()
+    assert plan.request_ids == ["a", "b", "c", "other"]
     assert b.block_ids[:2] == c.block_ids[:2] == a.block_ids[:2], "the system prompt's blocks are shared"
     assert (b.num_computed, c.num_computed, other.num_computed) == (8, 8, 0)
-    assert [i.num_tokens for i in batch.items] == [1, 2, 5, 5]
-    sched.advance(batch)
+    assert plan.num_tokens == [1, 2, 5, 5]
+    sched.advance()
     sched.check()
     assert not bm.pending and not bm.expected, "every announced block was computed"
 
@@ -329,13 +357,14 @@ def test_a_held_back_request_runs_when_the_block_it_waits_for_is_given_up() -> N
         "second", [1, 2, 3, 4, 5, 6, 7, 8, 0], SamplingParams(2))
     sched.add(first)
     sched.add(second)
-    batch = sched.schedule()
-    assert [i.request for i in batch.items] == [first] and bm.pending
-    sched.advance(batch)  # block 0 of `first` is cached; block 1 is still pending
-    batch = sched.schedule()
-    assert [i.request for i in batch.items] == [first], "second waits for block 1"
-    sched.remove(first)  # cancelled mid-prefill
+    plan = sched.schedule()
+    assert plan.request_ids == ["first"] and bm.pending
+    sched.advance()  # block 0 of `first` is cached; block 1 is still pending
+    plan = sched.schedule()
+    assert plan.request_ids == ["first"], "second waits for block 1"
+    sched.remove(first)  # cancelled mid-prefill, before that step ran
     assert not bm.pending
-    batch = sched.schedule()
-    assert [i.request for i in batch.items] == [second] and second.num_computed == 4
+    plan = sched.schedule()
+    assert plan.request_ids == ["second"] and second.num_computed == 4
+    assert plan.finished_ids == ["first"], "the runner hears that `first` left"
     sched.check()

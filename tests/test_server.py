@@ -379,7 +379,7 @@ def test_engine_faults_are_500_and_a_dead_engine_turns_health_503(embedded, monk
         def sticky_fault(*args, **kwargs):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        monkeypatch.setattr(engine, "_step_guarded", sticky_fault)
+        monkeypatch.setattr(engine.core, "step", sticky_fault)
         with pytest.raises(openai.APIError) as e:
             for _ in range(1000):
                 next(chunks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import time
 from collections import Counter
 
 import param
@@ -120,8 +121,39 @@ def test_dashboard_drains_telemetry_streams_outputs_and_applies_controls(make_en
     # a bad value lands in the alert, the engine keeps its config
     dash._reconfigure("num_blocks", engine.capacity + 1)
     assert dash.alert.visible and "num_blocks" in dash.alert.object and engine.config.num_blocks == 32
-    # no overlapped loop on a CPU: the toggle is shown disabled and says why
-    assert dash.overlap.disabled and "CUDA" in dash.overlap.description
+    # the loop toggle is live on a CPU too (the compute worker runs step N while the host prepares N+1)
+    assert not dash.overlap.disabled and "compute worker" in dash.overlap.description
+
+
+def test_loop_toggle_on_a_cpu_overlaps_host_work_with_compute(make_engine):
+    """The dashboard's sync/overlap toggle on a CPU engine: in the overlapped loop the host starts
+    a step before the compute worker has finished the one before (what the spans view draws as
+    host and compute lanes side by side); in the sync loop it never does."""
+    from workbench.telemetry import gpu_busy
+
+    engine = make_engine(max_batch=4, overlap=False)
+    dash = Dashboard(engine, max_new_tokens=16)
+    prompts = [[{"role": "user", "content": q}] for q in ("Say hi.", "Name a fruit.", "Count to five.", "Why?")]
+
+    def run_and_measure() -> tuple[int, int]:
+        first = engine.telemetry.last_step()
+        engine.generate_batch(prompts, max_new_tokens=24, ignore_eos=True, progress=False)
+        steps = [s for s in engine.telemetry.steps() if first is None or s.step > first.step]
+        ahead = sum(b.t_start < a.gpu_end for a, b in zip(steps, steps[1:]) if a.gpu_end is not None)
+        assert gpu_busy(steps) is not None
+        return ahead, len(steps)
+
+    ahead, n = run_and_measure()
+    assert n > 20 and ahead == 0, "sync: a step's host work never starts before the last compute ended"
+    dash.overlap.value = "overlap"  # the toggle posts reconfigure(overlap=True)
+    deadline = time.monotonic() + 30
+    while not engine.config.overlap and time.monotonic() < deadline:
+        dash.tick()
+        time.sleep(0.05)
+    assert engine.config.overlap
+    ahead, n = run_and_measure()
+    assert ahead > n // 2, f"overlapped: only {ahead} of {n} steps started before the last compute ended"
+    assert all(s.overlapped for s in engine.telemetry.steps()[-n:])
 
 
 def test_rapid_slider_moves_end_with_widgets_readout_and_engine_equal(make_engine):

@@ -35,11 +35,11 @@ class Truth:
         schedule = Scheduler.schedule
 
         def recording_schedule(scheduler: Scheduler):
-            batch = schedule(scheduler)
-            if scheduler is engine.scheduler and batch.items:
-                self.batches.append([(i.request.request_id, i.kind, i.num_tokens) for i in batch.items]
-                                    + [("(padding)", "padding", 0)] * batch.padded_slots)
-            return batch
+            plan = schedule(scheduler)
+            if scheduler is engine.scheduler and len(plan):
+                self.batches.append(list(zip(plan.request_ids, plan.kinds, plan.num_tokens))
+                                    + [("(padding)", "padding", 0)] * plan.padded_slots)
+            return plan
 
         monkeypatch.setattr(Scheduler, "schedule", recording_schedule)
         record_step = engine.telemetry.record_step

@@ -170,8 +170,12 @@ class BlockManager:
         return True
 
     def commit(self, request: Request) -> None:
-        """Name the request's newly filled blocks so later prompts can find them."""
-        full = min(request.num_computed // self.block_size, len(request.block_ids))
+        """Name the request's newly filled blocks so later prompts can find them.
+
+        Only blocks whose every token the host knows: a block that ends in a token still in flight
+        is named at a later step, once that token has arrived."""
+        known = min(request.num_computed, len(request.prompt_token_ids) + len(request.output_token_ids))
+        full = min(known // self.block_size, len(request.block_ids))
         if not self.prefix_caching or full <= len(request.block_hashes):
             return  # most steps fill no block: no need to build the token list
         if request.request_id in self.expected:

@@ -1,10 +1,10 @@
-"""Engine: the continuous-batching loop on one background thread.
+"""Engine: the front of the continuous batcher, and the thread its loop runs on.
 
-Callers never touch engine state directly. `submit` validates and tokenizes
-in the caller's thread (inputs.py), then hands a closure to the loop through
-an inbox; the loop drains the inbox at each step boundary (so submissions,
-cancels and reconfigurations land between steps), schedules, runs the model,
-turns the sampled tokens into text and chunks (outputs.py) and pushes each
+Callers never touch engine state directly. `submit` validates and tokenizes in
+the caller's thread (inputs.py), then hands a closure to the loop through an
+inbox; the loop drains the inbox at each step boundary (so submissions,
+cancels and reconfigurations land between steps) and has the core (core.py)
+plan, launch and finish steps; the output processor (outputs.py) pushes each
 request's chunk to its `RequestHandle` the moment its step ends.
 
 Threads (docs/engine_threads.md): every public method may be called from any
@@ -29,17 +29,18 @@ import torch
 
 from .blocks import BlockManager
 from .config import LIVE_FIELDS, EngineConfig
+from .core import EngineCore
 from .detokenizer import detokenizer_factory
-from .handle import RequestHandle, wake_all
+from .handle import RequestHandle
 from .inputs import InputProcessor, QueueFullError, check_fits, check_request_id, make_params
 from .loading import LoadedModel, load
 from .openmp import release_idle_workers
-from .outputs import LiveRequest, decode_step, final_output, new_live, take_token
-from .request import PENDING, Request, RequestOutput, SamplingParams, Status, StreamChunk
+from .outputs import LiveRequest, OutputProcessor, new_live
+from .request import Request, RequestOutput, SamplingParams, StreamChunk
+from .runner import ModelRunner
 from .sampling import derived_seed
-from .runner import InFlight, ModelRunner
-from .scheduler import Batch, Scheduler
-from .telemetry import SlotRecord, StepRecord, Telemetry
+from .scheduler import Scheduler
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +76,21 @@ class Engine:
         self.new_detokenizer = detokenizer_factory(self.tokenizer)  # one per request, given its prompt ids
         self.device, self.dtype = device, dtype
         num_blocks = config.num_blocks or self._auto_blocks(config)
-        self.config = config.replace(num_blocks=num_blocks)
+        config = config.replace(num_blocks=num_blocks)
+        if config.overlap is None:
+            config = config.replace(overlap=device.type == "cuda")
+        if config.freeze_gc is None:
+            config = config.replace(freeze_gc=device.type == "cuda")
         self.capacity = num_blocks
         model_len = config.max_model_len or self.loaded.config.max_position_embeddings
         if self.loaded.config.sliding_window:
             model_len = min(model_len, self.loaded.config.sliding_window)  # no sliding-window kernel (yet)
         self.loaded.model.extend_rope(model_len)
-        self._model_len = model_len
         self.runner = ModelRunner(self.loaded, num_blocks=num_blocks, block_size=config.block_size, device=device,
                                   dtype=dtype, kernel_backend=config.kernels, seed=config.seed,
                                   max_model_len=min(model_len, num_blocks * config.block_size),
                                   max_batch=config.max_batch, token_budget=config.token_budget,
                                   cuda_graphs=config.cuda_graphs)
-        if self.config.overlap is None:
-            self.config = self.config.replace(overlap=device.type == "cuda")
-        self._inflight: InFlight | None = None
-        self._gpu_clock: tuple[torch.cuda.Event, float] | None = None
         if self.runner.graphs is not None:
             log.info("capturing CUDA graphs: decode steps of %s requests, mixed steps of %s tokens ...",
                      self.runner.graphs.sizes, self.runner.mixed_graphs.sizes)
@@ -98,21 +98,18 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.token_budget, config.policy)
         self.telemetry = Telemetry(config.telemetry_steps, max_events=64 * config.telemetry_steps)
+        self.outputs = OutputProcessor(self.loaded.eos_token_ids, self.telemetry, release=self.scheduler.remove)
+        self.core = EngineCore(config, self.runner, self.scheduler, self.blocks, self.telemetry, self.outputs,
+                               model_len)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
         self._numbers = itertools.count()  # internal request numbers: unseeded requests' seeds derive from them
-        self._callbacks: list[RequestHandle] = []  # ended requests whose on_done is still to run (loop thread)
         self._thread: threading.Thread | None = None
         self._running = False
-        self._step_index = 0
         self._pending = 0  # submitted, not yet handed to the scheduler (guarded by _lock)
         self._lock = threading.Lock()  # orders submit against stop, so no request slips past a stop
         self._posted: EngineConfig | None = None  # the config the last reconfigure will leave
-        self.num_failed_steps = 0
-        if self.config.freeze_gc is None:
-            self.config = self.config.replace(freeze_gc=device.type == "cuda")
-        if self.config.freeze_gc:
+        if config.freeze_gc:
             _freeze_gc()  # last, so the block table (one object per KV block) is frozen too
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, kernels=%s", self.loaded.name,
                  device, dtype, num_blocks, config.block_size, self.runner.kernels_name)
@@ -151,9 +148,19 @@ class Engine:
         self.stop()
 
     @property
+    def config(self) -> EngineConfig:
+        """The applied config (a reconfigure shows here once the loop has applied it)."""
+        return self.core.config
+
+    @property
     def max_model_len(self) -> int:
         """Most tokens (prompt + new) one request may hold: the model's context or the usable KV cache."""
-        return min(self._model_len, self.blocks.limit * self.config.block_size)
+        return self.core.max_model_len
+
+    @property
+    def num_failed_steps(self) -> int:
+        """Steps that failed in a row just now (0 once a step succeeds)."""
+        return self.core.num_failed_steps
 
     # ================================================================ public API
     def submit(self, prompt: Any, *, request_id: str | None = None, params: SamplingParams | None = None,
@@ -212,14 +219,14 @@ class Engine:
             if not self._running:
                 raise RuntimeError("the engine is stopped; call engine.start() first")
             ids = [live.request.request_id for live in lives]
-            taken = [rid for rid in ids if rid in self._live]
+            taken = [rid for rid in ids if rid in self.outputs.live]
             if taken or len(set(ids)) != len(ids):
                 raise ValueError(f"request_id must be a new non-empty string, got {(taken or ids)[0]!r}")
             queued = self._pending + len(self.scheduler.waiting)
             if self.config.max_queue is not None and queued + len(lives) > self.config.max_queue:
                 raise QueueFullError(f"queue is full: max_queue={self.config.max_queue} requests are already waiting")
             for live in lives:
-                self._live[live.request.request_id] = live
+                self.outputs.live[live.request.request_id] = live
             self._pending += len(lives)
             self._inbox.put(lambda: self._admit(lives))
 
@@ -278,14 +285,14 @@ class Engine:
         request is not touched by this call."""
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
-        live = self._live.get(request_id)
+        live = self.outputs.live.get(request_id)
         if live is not None:
-            self._call(lambda: self._cancel(live))
+            self._call(lambda: self.core.cancel(live))
 
     def _cancel_handle(self, handle: RequestHandle) -> None:
-        live = self._live.get(handle.request_id)
+        live = self.outputs.live.get(handle.request_id)
         if live is not None and live.handle is handle:
-            self._call(lambda: self._cancel(live))
+            self._call(lambda: self.core.cancel(live))
 
     def reconfigure(self, *, wait: bool = True, **changes: Any) -> EngineConfig:
         """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy, overlap) at the next step.
@@ -311,7 +318,7 @@ class Engine:
         done = threading.Event()
 
         def apply() -> None:
-            self._apply_config(new)
+            self.core.apply_config(new)
             done.set()
 
         self._call(apply)
@@ -330,7 +337,7 @@ class Engine:
         last = self.telemetry.last_step()
         return {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-            "free_blocks": self.blocks.num_free, "num_blocks": self.blocks.limit, "step": self._step_index,
+            "free_blocks": self.blocks.num_free, "num_blocks": self.blocks.limit, "step": self.core.step_index,
             "prefix_hit_rate": self.blocks.stats.hit_rate, "preemptions": self.scheduler.num_preemptions,
             "last_step_ms": None if last is None else 1e3 * (last.t_end - last.t_start),
             "cuda_graph_mib": self.runner.graph_memory_bytes / 2**20,
@@ -379,13 +386,13 @@ class Engine:
         reason = "engine stopped"
         try:
             while self._running:
-                busy = self.scheduler.has_work() or self._inflight is not None
+                busy = self.core.has_work()
                 if not busy:
                     self._yield_cpu_workers()  # idle: the cores are the notebook's until work comes
                     self.runner.idle()
                 self._drain_inbox(block=not busy)
-                if self._running and (self.scheduler.has_work() or self._inflight is not None):
-                    self._step_guarded()
+                if self._running and self.core.has_work():
+                    self.core.step()
         except BaseException as exc:
             log.exception("the engine loop died; every request in flight is failed")
             reason = f"engine stopped: {type(exc).__name__}: {exc}"  # the cause reaches every caller
@@ -393,9 +400,7 @@ class Engine:
         finally:
             self._running = False  # a dead loop must refuse new work, not queue it forever
             self._drain_inbox(block=False)
-            self._inflight = None
-            for live in list(self._live.values()):
-                self._end(live, "error", error=reason)
+            self.core.end_all(reason)
             self._run_callbacks()
 
     def _yield_cpu_workers(self) -> None:
@@ -427,8 +432,9 @@ class Engine:
 
     def _run_callbacks(self) -> None:
         """Call the on_done of every request that has ended, with no lock held (loop thread)."""
-        while self._callbacks:
-            handle = self._callbacks.pop(0)
+        callbacks = self.outputs.callbacks
+        while callbacks:
+            handle = callbacks.pop(0)
             try:
                 handle.run_on_done()
             except Exception:  # noqa: BLE001 - a caller's on_done callback must not hurt the engine
@@ -440,200 +446,9 @@ class Engine:
             self._admit_one(live)
 
     def _admit_one(self, live: _Live) -> None:
-        request = live.request
-        if self._live.get(request.request_id) is live:  # else cancelled before it reached the loop
-            self.scheduler.add(request)
-            self.telemetry.event(request.request_id, "queued", self._step_index, t=request.timings.queued,
-                                 detail=str(request.max_total_tokens()))  # the UI's KV-shrink floor
+        self.core.admit(live)
         with self._lock:
             self._pending -= 1  # after the add: max_queue counts the request in one place or the other
-
-    def _step_guarded(self) -> None:
-        batches: list[Batch] = []
-        try:
-            self._step(batches)
-            self.num_failed_steps = 0
-        except Exception as exc:  # noqa: BLE001 - contained: fail the step's requests, keep serving
-            log.exception("step %d failed", self._step_index)
-            self._inflight = None
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.num_failed_steps += 1
-            victims = [i.request for b in batches for i in b.items] or list(self.scheduler.running)
-            if self.num_failed_steps >= 3:
-                victims = [live.request for live in list(self._live.values())]  # submit may add meanwhile
-            for request in victims:
-                live = self._live.get(request.request_id)
-                if live is not None and live.request is request:  # not a new request that reuses the id
-                    self._end(live, "error", error=f"{type(exc).__name__}: {exc}")
-
-    def _step(self, batches: list[Batch]) -> None:
-        """Schedule and launch step N+1, then finish step N (overlap) or N+1 itself (sync).
-
-        With overlap the CPU schedules and launches the next step while the GPU
-        still computes the previous one; requests sampled by that step hold a
-        PENDING token, which the runner fills on the device (carry-over).
-        """
-        t0 = time.perf_counter()
-        prev = self._inflight
-        batch = self.scheduler.schedule() if self.scheduler.has_work() else Batch()
-        t1 = time.perf_counter()
-        for request in batch.preempted:
-            self.telemetry.event(request.request_id, "preempted", self._step_index)
-        flight = None
-        if batch.items:
-            batches.append(batch)
-            self._mark_scheduled(batch, t1)
-            flight = self.runner.launch(batch, prev)
-            flight.schedule_s, flight.t_start = t1 - t0, t0
-            for item in batch.items:
-                if item.samples:
-                    item.request.output_token_ids.append(PENDING)
-                    flight.placeholders[item.request.request_id] = len(item.request.output_token_ids) - 1
-        if prev is not None:
-            batches.append(prev.batch)
-            self._inflight = None
-            self._finish(prev)
-        if flight is None:
-            if prev is None:
-                self._fail_unschedulable()
-            return
-        self.scheduler.advance(flight.batch)  # every input token of this step is known by now
-        if self.config.overlap:
-            self._inflight = flight
-        else:
-            self._finish(flight)
-
-    def _mark_scheduled(self, batch: Batch, now: float) -> None:
-        for item in batch.items:
-            if item.request.timings.first_scheduled is None:
-                item.request.timings.first_scheduled = now
-                self.telemetry.event(item.request.request_id, "scheduled", self._step_index, t=now)
-
-    def _finish(self, flight: InFlight) -> None:
-        """Collect a step's tokens, stream them, stop what should stop, record the step."""
-        tokens = self.runner.collect(flight)
-        t2 = time.perf_counter()
-        finished: list[str] = []
-        # ended while this step ran (cancelled, or a stop seen one step late): their token is discarded.
-        # Tokens are routed by the very Request object the step ran, never by the caller's id (a cancelled
-        # request's id may already belong to a new request).
-        sampled = [i.request for i in flight.batch.items if i.samples]
-        kept = [(live, t) for live, r, t in zip(map(self._live.get, flight.sampled_ids), sampled, tokens)
-                if live is not None and live.request is r]
-        deltas = decode_step([live for live, _ in kept], [t for _, t in kept])
-        self.telemetry.events_at([(live.request.request_id, "token" if live.request.timings.first_token else "first_token")
-                                  for live, _ in kept], self._step_index, t2)
-        for (live, token), delta in zip(kept, deltas):
-            position = flight.placeholders[live.request.request_id]
-            live.request.output_token_ids[position] = token
-            if self._on_token(live, token, position + 1, t2, delta):
-                finished.append(live.request.request_id)
-        wake_all(live.handle for live, _ in kept if live.handle.output is None)
-        t3 = time.perf_counter()
-        self._record(flight, len(kept), finished, t3, t3 - t2)
-        self._step_index += 1
-
-    def _fail_unschedulable(self) -> None:
-        """Nothing could run: the head of the queue cannot fit even alone, so fail it (no livelock)."""
-        if self.scheduler.running or not self.scheduler.waiting:
-            return
-        request = self.scheduler.waiting[0]
-        live = self._live.get(request.request_id)
-        if live is None or live.request is not request:  # cannot happen: a waiting request is live
-            self.scheduler.remove(request)
-            return
-        self._end(live, "error", error=(
-            f"request needs {request.max_total_tokens()} tokens of KV cache but only "
-            f"{self.blocks.limit * self.config.block_size} exist (num_blocks={self.blocks.limit})"))
-
-    def _on_token(self, live: _Live, token: int, generated: int, now: float, delta: str | None = None) -> bool:
-        """Take in one sampled token (the `generated`-th), stream its text, end the request if it should stop."""
-        try:
-            reason, chunk = take_token(live, token, generated, now, self.loaded.eos_token_ids, delta)
-        except Exception as exc:  # noqa: BLE001 - this request's text is broken, not the step
-            log.exception("detokenizing %s failed", live.request.request_id)
-            self._end(live, "error", token_ids=[token], error=f"{type(exc).__name__}: {exc}")  # chunks = output
-            return True
-        if reason is not None:
-            self._end(live, reason, token_ids=[token])
-            return True
-        live.handle.push(chunk, wake=False)
-        return False
-
-    def _end(self, live: _Live, reason: str, *, token_ids: list[int] | None = None, error: str | None = None) -> None:
-        """Finish, cancel or fail a request: free its blocks, close its stream with a final chunk.
-
-        Its `on_done` runs later, from `_run_callbacks`, outside the step and with no lock held."""
-        request = live.request
-        if live.handle.done:
-            return  # ended already (e.g. cancelled and failed in the same step): one final chunk only
-        now = time.perf_counter()
-        self.scheduler.remove(request)
-        request.status = Status.FINISHED
-        request.finish_reason, request.error = reason, error
-        request.timings.finished = now
-        self.runner.release(request.request_id)
-        if self._live.get(request.request_id) is live:  # not a new request that reuses the id
-            del self._live[request.request_id]
-        kind = {"cancelled": "cancelled", "error": "error"}.get(reason, "finished")
-        self.telemetry.event(request.request_id, kind, self._step_index, detail=error or reason, t=now)
-        chunk, output = final_output(live, reason, error, token_ids, now)
-        live.handle.push(chunk, output)
-        self._callbacks.append(live.handle)
-
-    def _cancel(self, live: _Live) -> None:
-        if self._live.get(live.request.request_id) is live:
-            self._end(live, "cancelled")
-
-    def _apply_config(self, new: EngineConfig) -> None:
-        old = self.config
-        self.config = new
-        self.scheduler.max_batch, self.scheduler.token_budget = new.max_batch, new.token_budget
-        self.scheduler.policy = new.policy
-        if new.prefix_caching != old.prefix_caching:
-            self.blocks.set_prefix_caching(new.prefix_caching)
-        if new.num_blocks != self.blocks.limit:
-            self.blocks.set_limit(new.num_blocks)
-            for live in list(self._live.values()):
-                if live.request.max_total_tokens() > self.max_model_len:
-                    self._end(live, "error", error=(
-                        f"num_blocks was reduced to {new.num_blocks}: this request needs "
-                        f"{live.request.max_total_tokens()} tokens but only {self.max_model_len} fit"))
-        self.telemetry.event("engine", "reconfigured", self._step_index, detail=repr(
-            {k: getattr(new, k) for k in LIVE_FIELDS}))
-
-    def _record(self, flight: InFlight, accepted: int, finished: list[str], t_end: float, post_s: float) -> None:
-        batch = flight.batch
-        slots = [SlotRecord(i.request.request_id, i.num_tokens, i.kind) for i in batch.items]
-        slots += [SlotRecord("", 0, "padding")] * batch.padded_slots
-        tables = {r.request_id: list(r.block_ids) for r in self.scheduler.running}
-        gpu_start, gpu_end = self._gpu_times(flight)
-        self.telemetry.record_step(StepRecord(
-            step=self._step_index, t_start=flight.t_start, t_end=t_end, slots=slots, block_tables=tables,
-            shared_blocks=sorted(self.blocks.shared), num_blocks=self.blocks.limit,
-            num_free_blocks=self.blocks.num_free, num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting), tokens_emitted=accepted,
-            finished=finished, preempted=[r.request_id for r in batch.preempted], schedule_s=flight.schedule_s,
-            prepare_s=flight.prepare_s, forward_s=flight.launch_s, postprocess_s=post_s,
-            gpu_start=gpu_start, gpu_end=gpu_end, prefix_hit_rate=self.blocks.stats.hit_rate,
-            overlapped=bool(self.config.overlap), graphed=flight.graphed,
-        ))
-
-    def _gpu_times(self, flight: InFlight) -> tuple[float | None, float | None]:
-        """The step's compute span on the host clock: from CUDA events on a GPU, from the compute
-        worker's clock on a CPU (the lane that runs beside the loop's host work)."""
-        if flight.compute_span is not None:
-            return flight.compute_span
-        if flight.gpu_start is None or flight.gpu_end is None:
-            return None, None
-        if self._gpu_clock is None:
-            ref = torch.cuda.Event(enable_timing=True)
-            ref.record(self.runner.compute_stream)
-            ref.synchronize()
-            self._gpu_clock = (ref, time.perf_counter())
-        ref, host = self._gpu_clock
-        return host + ref.elapsed_time(flight.gpu_start) / 1e3, host + ref.elapsed_time(flight.gpu_end) / 1e3
 
     def _auto_blocks(self, config: EngineConfig) -> int:
         per_block = self.loaded.config.kv_bytes_per_token(self.dtype) * config.block_size

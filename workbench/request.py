@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-PENDING = -1  # a token sampled by the step still on the GPU; filled in when that step is collected
 MAX_SEED = 2**63 - 1  # seeds are hashed as 64-bit integers (sampling.py)
 MAX_NEW_TOKENS = 10_000_000
 MAX_TEMPERATURE = 1e4  # past this every allowed token is equally likely anyway
@@ -135,22 +134,17 @@ class RequestOutput:
     num_preemptions: int = 0
     num_cached_tokens: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        t = self.timings
-        return {
-            "request_id": self.request_id, "text": self.text, "token_ids": self.token_ids,
-            "finish_reason": self.finish_reason, "error": self.error, "ttft_s": t.ttft,
-            "latency_s": t.latency, "num_tokens": len(self.token_ids),
-        }
-
 
 @dataclass(slots=True, eq=False)
 class Request:
     """The scheduler's view of one generation (pure Python: no torch here).
 
     `num_computed` counts tokens whose K/V are in the cache. Each step computes
-    `tokens[num_computed : num_computed + n]`; when that reaches the end of
-    `tokens`, the last position's logits are sampled and a token is appended.
+    tokens `[num_computed, num_computed + n)`; when that reaches the last token,
+    the step samples the next one. A sampled token exists on the device first
+    (the runner's token table); `num_in_flight` counts those the host has not
+    received yet, so the scheduler can plan the next step before they arrive.
+    `receive` is the one writer of `output_token_ids`.
     """
 
     request_id: str
@@ -168,14 +162,26 @@ class Request:
     timings: Timings = field(default_factory=Timings)
     text: str = ""
     seed: int | None = None  # the sampling seed: params.seed, or one the engine derived (sampling.derived_seed)
+    num_in_flight: int = 0  # sampled by a step whose tokens the host has not received yet
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt plus generated tokens, counting those still on their way from the device."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_in_flight
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids) + self.num_in_flight
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The tokens the host knows: prompt and received output (not those in flight)."""
         return self.prompt_token_ids + self.output_token_ids
+
+    def receive(self, token: int) -> None:
+        """A sampled token reaches the host (the output processor calls this, once per token)."""
+        self.output_token_ids.append(token)
+        self.num_in_flight -= 1
 
     @property
     def remaining(self) -> int:

@@ -18,14 +18,11 @@ top_p = 1 cuts nothing (no cumulative sum, so no rounding can cut the tail).
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
-from .request import MAX_SEED, Request
-
-if TYPE_CHECKING:
-    from .scheduler import ScheduledItem
+from .request import MAX_SEED, SamplingParams
 
 _MASK32 = 0xFFFFFFFF
 # odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so int64 never overflows
@@ -127,57 +124,32 @@ def derived_seed(engine_seed: int, number: int) -> int:
 
 
 class Sampler:
-    """Builds the per-row tensors from the step's sampling items and calls `sample_rows` on them."""
+    """Draws the tokens of the rows that do not sample greedily, from per-row parameters.
 
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+    Keeps no per-request state: only the vocabulary hashes, made on the first sampling step."""
+
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.seed = seed
-        self._vocab_hash: torch.Tensor | None = None  # vocab_hashes(V), made on the first sampling step
+        self._vocab_hash: torch.Tensor | None = None
 
-    def release(self, request_id: str) -> None:
-        """Nothing to free: the sampler keeps no per-request state (kept for the runner's interface)."""
-
-    def row_tensors(self, items: Sequence[ScheduledItem]) -> tuple[torch.Tensor, ...]:
-        """temperature, top_k, top_p, seed, counter of each sampling item, on the sampler's device.
-
-        The counter is the index (among the generated tokens) of the token this step samples:
-        the item ends at the request's last known token, so it is `start + num_tokens - prompt
-        length`. It reads only what is fixed once the step is scheduled, so it may run on a
-        compute worker while the loop thread already appends the step's placeholder token."""
-        params = [i.request.params for i in items]
-        seeds = [_seed_of(i.request, self.seed) for i in items]
-        counters = [i.start + i.num_tokens - len(i.request.prompt_token_ids) for i in items]
+    def row_tensors(self, params: Sequence[SamplingParams], seeds: Sequence[int],
+                    counters: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """temperature, top_k, top_p, seed, counter of each row, on the sampler's device. The counter
+        is the index (among its request's generated tokens) of the token the row samples."""
         dev = self.device
         return (torch.tensor([float(p.temperature) for p in params], dtype=torch.float32, device=dev),
                 torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
                 torch.tensor([float(p.top_p) for p in params], dtype=torch.float32, device=dev),
-                torch.tensor(seeds, dtype=torch.int64, device=dev),
-                torch.tensor(counters, dtype=torch.int64, device=dev))
+                torch.tensor(list(seeds), dtype=torch.int64, device=dev),
+                torch.tensor(list(counters), dtype=torch.int64, device=dev))
 
-    def sample(self, logits: torch.Tensor, items: Sequence[ScheduledItem],
-               greedy: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [N, V] of the step's sampling items -> token ids [N] (on the logits' device).
-        `greedy`, if given, already holds every row's argmax (a CUDA graph computed it); rows that
-        sample are written into it."""
-        # max's index, as argmax's; ~3x faster on a CPU (49k vocab)
-        tokens = logits.max(dim=-1).indices if greedy is None else greedy
-        rows = [k for k, i in enumerate(items) if not i.request.params.greedy]
-        if not rows:
-            return tokens
-        chosen = [items[k] for k in rows]
-        temperature, top_k, top_p, seed, counter = self.row_tensors(chosen)
+    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
+               counters: Sequence[int]) -> torch.Tensor:
+        """logits [N, V] -> token ids [N] (on the logits' device), row k drawn with params[k]."""
+        temperature, top_k, top_p, seed, counter = self.row_tensors(params, seeds, counters)
         vocab = logits.shape[-1]
         if self._vocab_hash is None or self._vocab_hash.numel() != vocab or self._vocab_hash.device != logits.device:
             self._vocab_hash = vocab_hashes(vocab, logits.device)
-        picked = sample_rows(logits[rows], temperature, top_k, top_p, seed, counter,
-                             use_top_k=any(i.request.params.top_k > 0 for i in chosen),
-                             use_top_p=any(i.request.params.top_p < 1 for i in chosen), vocab_hash=self._vocab_hash)
-        tokens[torch.tensor(rows, device=tokens.device)] = picked
-        return tokens
-
-
-def _seed_of(request: Request, default: int) -> int:
-    """The request's sampling seed: the one the engine fixed at submit, else its own, else the sampler's."""
-    if request.seed is not None:
-        return request.seed
-    return request.params.seed if request.params.seed is not None else default
+        return sample_rows(logits, temperature, top_k, top_p, seed, counter,
+                           use_top_k=any(p.top_k > 0 for p in params), use_top_p=any(p.top_p < 1 for p in params),
+                           vocab_hash=self._vocab_hash)

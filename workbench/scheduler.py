@@ -13,18 +13,19 @@ recomputed (its generated tokens kept) once room returns.
 
 Two teaching policies sit beside it: `sequential` runs one request at a time;
 `static` admits a batch only when the previous batch has entirely finished.
+
+`schedule` returns a `StepPlan` (plan.py): plain data for the runner, which never
+sees a `Request`. After the step is launched, `advance` records its tokens as
+computed and its sampled tokens as in flight.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
-
 from .blocks import BlockManager
+from .plan import Admission, Kind, StepPlan
 from .request import Request, Status
-
-Kind = Literal["prefill", "decode"]
 
 
 @dataclass(slots=True)
@@ -71,6 +72,10 @@ class Scheduler:
     running: list[Request] = field(default_factory=list)
     static_members: int = 0
     num_preemptions: int = 0
+    # blocks of each running request that a plan has told the runner of (absent: none, since admission)
+    _told: dict[Request, int] = field(default_factory=dict)
+    _left: list[str] = field(default_factory=list)  # ids removed since the last plan
+    _last: Batch | None = None  # the batch of the last plan, until `advance`
 
     # ---------------------------------------------------------------- intake
     def add(self, request: Request) -> None:
@@ -84,13 +89,20 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.blocks.free_request(request)
+        self._told.pop(request, None)
+        self._left.append(request.request_id)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # -------------------------------------------------------------- schedule
-    def schedule(self) -> Batch:
-        batch = Batch()
+    def schedule(self) -> StepPlan:
+        """Decide the next step; its plan (call `advance` with it once the step is launched)."""
+        return self.emit(self.schedule_batch())
+
+    def schedule_batch(self) -> Batch:
+        """The next step as the scheduler's own working data (live requests), for tests and tools."""
+        batch = self._last = Batch()
         if not self.running:
             self.static_members = 0
         self._shed_after_reconfigure(batch)
@@ -121,8 +133,8 @@ class Scheduler:
                 break
             if request.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            if len(request.output_token_ids) >= request.params.max_new_tokens:
-                continue  # its last token is still on the GPU; the engine finishes it on collection
+            if request.num_generated >= request.params.max_new_tokens:
+                continue  # its last token is still on the device; the engine finishes it on collection
             n = min(remaining, budget)
             if not self._reserve(request, n, batch):
                 continue
@@ -198,6 +210,7 @@ class Scheduler:
         """Recompute-style preemption: drop the KV, keep the tokens, queue at the front."""
         self.running.remove(request)
         self.blocks.free_request(request)
+        self._told.pop(request, None)
         request.num_computed = 0
         request.status = Status.WAITING
         request.num_preemptions += 1
@@ -206,11 +219,37 @@ class Scheduler:
         batch.preempted.append(request)
         batch.items = [i for i in batch.items if i.request is not request]
 
+    def emit(self, batch: Batch) -> StepPlan:
+        """The batch as plain data: ids, token spans, and each row's blocks since the runner last heard
+        (call it once per scheduled batch: it moves the scheduler's record of what the runner knows)."""
+        plan = StepPlan(preempted_ids=[r.request_id for r in batch.preempted], finished_ids=self._left,
+                        padded_slots=batch.padded_slots)
+        self._left = []
+        for item in batch.items:
+            r = item.request
+            told = self._told.get(r)
+            if told is None:  # admitted (again) since the last plan: the runner's block list starts afresh
+                told = 0
+                plan.admitted.append(Admission(r.request_id, r.prompt_token_ids, r.params,
+                                               r.seed if r.seed is not None else r.params.seed))
+            plan.request_ids.append(r.request_id)
+            plan.starts.append(item.start)
+            plan.num_tokens.append(item.num_tokens)
+            plan.samples.append(item.samples)
+            plan.kinds.append(item.kind)
+            plan.new_block_ids.append(r.block_ids[told:])
+            self._told[r] = len(r.block_ids)
+        return plan
+
     # ------------------------------------------------------------ after step
-    def advance(self, batch: Batch) -> None:
-        """Record that the batch's tokens are now in the KV cache."""
+    def advance(self) -> None:
+        """The step just scheduled is launched: its tokens count as computed (their K/V are on the
+        way into the cache) and each of its sampling rows has one more token in flight."""
+        batch, self._last = self._last, None
+        assert batch is not None, "advance() without a step scheduled since the last one"
         for item in batch.items:
             item.request.num_computed = item.start + item.num_tokens
+            item.request.num_in_flight += item.samples
             self.blocks.commit(item.request)
 
     def finish(self, request: Request) -> None:

@@ -82,12 +82,13 @@ class Snapshot:
 
 
 def gpu_busy(steps: "list[StepRecord] | tuple[StepRecord, ...]") -> float | None:
-    """The one definition of GPU busy: the union of the steps' GPU spans over the window they cover.
+    """The one definition of GPU busy: the union of the steps' compute spans over the window they cover.
 
-    The window runs from the first recorded GPU start to the last GPU end, so host work before the
-    first launch and after the last sync does not count as idle; the union counts overlapping spans
-    (an overlapped loop queues step N+1 before step N ends) once. None when no step recorded a span
-    (a CPU engine), so a CPU never shows a made-up figure.
+    A step's compute span comes from CUDA events on a GPU and from the compute worker's clock on a
+    CPU (there it reads "compute busy"). The window runs from the first recorded start to the last
+    end, so host work before the first launch and after the last sync does not count as idle; the
+    union counts overlapping spans (an overlapped loop queues step N+1 before step N ends) once.
+    None when no step recorded a span.
     """
     spans = sorted((r.gpu_start, r.gpu_end) for r in steps if r.gpu_start is not None and r.gpu_end is not None)
     if not spans:

@@ -61,7 +61,7 @@ BURST_PROMPTS = (
 )
 # Burst requests ask for different lengths, so short ones finish and make room while long ones stream.
 BURST_LENGTH_FRACTIONS = (1.0, 0.25, 0.5, 0.75, 0.35, 0.9)
-# Widgets of the live config, by field (overlap has its own toggle, live only where the engine supports it).
+# Widgets of the live config, by field (overlap has its own toggle).
 SLIDER_FIELDS = ("max_batch", "num_blocks", "token_budget")
 # A streaming card's text is re-sent at most this often: every Div change re-lays out the whole page in
 # BokehJS, and a dozen cards at the tick's 10 Hz kept a browser on a loaded 2-core machine from keeping up.
@@ -237,10 +237,10 @@ class Dashboard(pn.viewable.Viewer):
         self.policy = pn.widgets.RadioButtonGroup(label="policy", options=["continuous", "static", "sequential"],
                                                   value=cfg.policy)
         self.prefix_caching = pn.widgets.Checkbox(label="prefix caching", value=cfg.prefix_caching)
-        self._overlap_live = "overlap" in LIVE_FIELDS and engine.device.type == "cuda" and cfg.overlap is not None
-        why = ("sync vs overlapped loop (CPU prepares step N+1 while the GPU runs step N)" if self._overlap_live else
-               "The overlapped loop needs a CUDA device and an engine built with overlap support; "
-               f"this engine runs on {engine.device.type} with overlap={cfg.overlap!r}.")
+        self._overlap_live = "overlap" in LIVE_FIELDS and cfg.overlap is not None
+        lane = "the GPU" if engine.device.type == "cuda" else "the CPU's compute worker"
+        why = (f"sync vs overlapped loop: the host prepares step N+1 while {lane} runs step N" if self._overlap_live
+               else f"this engine was built with overlap={cfg.overlap!r}, so its loop cannot be switched live")
         self.overlap = pn.widgets.RadioButtonGroup(label="loop", options=["sync", "overlap"],
                                                    value="overlap" if cfg.overlap else "sync",
                                                    disabled=not self._overlap_live, description=why)
