@@ -5,7 +5,8 @@
 # bench/gpu_vs_transformers.py on one workload (ours sync and overlapped twice; (a) with transformers'
 # best generate_batch row, (c) overlapped only). Everything lands in $OUT (or ./device_out): at most 8 files.
 #   bash bench/device_checks.sh [kernels] [gpu] [tests] [tests3] [ab] [kbench] [profile] [a] [b] [c]
-#   (ab: needs .base/, see bench/ab.sh; tests3: the GPU tests three times in a row)
+#   (ab: needs .base/, see bench/ab.sh, AB_WORKLOADS="a c" AB_ROUNDS=2 to change what it runs;
+#    tests3: the GPU tests three times in a row)
 #   (default: kernels gpu kbench profile)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -28,9 +29,11 @@ for step in $steps; do
               timeout 190 python3 -m pytest -o addopts="" tests/test_gpu.py tests/test_batch_invariance.py -q \
                 -p no:cacheprovider -rs >"$OUT/gpu_tests_run$i.txt" 2>&1; echo "exit $?" >>"$OUT/gpu_tests_run$i.txt"
             done ;;
-    ab) # (a) here against the commit in .base/ (bench/ab.sh), this tree's benchmark script for both
-        timeout 560 bash bench/ab.sh "${AB_ROUNDS:-3}" "python3 $PWD/bench/gpu_vs_transformers.py --workloads a \
-          --rows ours-overlap --repeats 1 --timeout 120 --out /tmp/ab_\$AB_LABEL" >"$OUT/ab_a.txt" 2>&1 ;;
+    ab) # AB_WORKLOADS (default a) here against the commit in .base/ (bench/ab.sh), this tree's benchmark
+        # script for both trees, AB_ROUNDS rounds (default 3)
+        timeout 560 bash bench/ab.sh "${AB_ROUNDS:-3}" "python3 $PWD/bench/gpu_vs_transformers.py \
+          --workloads ${AB_WORKLOADS:-a} --rows ours-overlap --repeats 1 --timeout 160 --out /tmp/ab_\$AB_LABEL" \
+          >"$OUT/ab.txt" 2>&1 ;;
     a) timeout 330 python3 bench/gpu_vs_transformers.py --workloads a --rows ours-overlap ours-sync hf-batch-graphs \
          --repeats 2 --hf-repeats 1 --timeout 75 --out "$OUT" ;;
     b) timeout 400 python3 bench/gpu_vs_transformers.py --workloads b --rows ours-overlap ours-sync --repeats 2 \

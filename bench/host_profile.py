@@ -111,7 +111,7 @@ def probe_replay(engine, batch: int, args_context: int, n: int = 200) -> None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(n):
-                graphs.replay(batch, batch, batch, args_context)
+                graphs.replay((next(b for b in graphs.context_bounds if b >= args_context), graphs.bucket(batch)), batch)
                 if sync_each:
                     stream.synchronize()
             host = time.perf_counter() - t0

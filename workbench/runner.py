@@ -102,6 +102,7 @@ class ModelRunner:
             self.mixed_graphs = MixedGraphs(max_batch, token_budget, max_model_len, self.max_blocks, block_size,
                                             vocab, logits_dtype, device)
         self.graph_families = [g for g in (self.graphs, self.mixed_graphs) if g is not None]  # tried in this order
+        self._graph_generation = -1  # the request table's generation the graphs were captured on
         self._slots = [self._new_slot(max(token_budget, max_batch), max_batch) for _ in range(2)]
         self._next_slot = 0
         # On a CPU the forward passes run on one worker thread, in launch order: the CPU's stream.
@@ -251,7 +252,7 @@ class ModelRunner:
         result.compute_span = (start, time.perf_counter())
 
     def _graphs_for(self, step: HostStep) -> DecodeGraphs | MixedGraphs | None:
-        if self.table.generation != getattr(self, "_graph_generation", -1):
+        if self.table.generation != self._graph_generation:
             return None  # the table was reallocated (max_batch grew live): the graphs read the old one
         return next((g for g in self.graph_families if g.can_run(step)), None)
 
