@@ -131,11 +131,12 @@ class EngineCore:
         self.step_index += 1
 
     def _mark_scheduled(self, plan: StepPlan, now: float) -> None:
-        for rid in plan.request_ids:
-            request = self.outputs.live[rid].request
+        """First schedule of each request (only an admission can be one)."""
+        for admission in plan.admitted:
+            request = self.outputs.live[admission.request_id].request
             if request.timings.first_scheduled is None:
                 request.timings.first_scheduled = now
-                self.telemetry.event(rid, "scheduled", self.step_index, t=now)
+                self.telemetry.event(admission.request_id, "scheduled", self.step_index, t=now)
 
     def _contain(self, exc: Exception, touched: list[Flight]) -> None:
         """A step failed: fail the requests it ran (after three failures in a row, every request)."""

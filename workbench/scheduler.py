@@ -27,6 +27,8 @@ from .blocks import BlockManager
 from .plan import Admission, Kind, StepPlan
 from .request import Request, Status
 
+_NO_BLOCKS: list[int] = []  # shared by the rows of a plan that got no new block (read, never written)
+
 
 @dataclass(slots=True)
 class ScheduledItem:
@@ -221,24 +223,25 @@ class Scheduler:
 
     def emit(self, batch: Batch) -> StepPlan:
         """The batch as plain data: ids, token spans, and each row's blocks since the runner last heard
-        (call it once per scheduled batch: it moves the scheduler's record of what the runner knows)."""
-        plan = StepPlan(preempted_ids=[r.request_id for r in batch.preempted], finished_ids=self._left,
+        (call it once per scheduled batch: it moves the scheduler's record of what the runner knows).
+
+        It runs every step for every scheduled request, so it is written as list comprehensions
+        and one loop that mostly finds no new block."""
+        items, told = batch.items, self._told
+        requests = [i.request for i in items]
+        plan = StepPlan([r.request_id for r in requests], [i.start for i in items], [i.num_tokens for i in items],
+                        [i.samples for i in items], [i.kind for i in items],
+                        preempted_ids=[r.request_id for r in batch.preempted], finished_ids=self._left,
                         padded_slots=batch.padded_slots)
         self._left = []
-        for item in batch.items:
-            r = item.request
-            told = self._told.get(r)
-            if told is None:  # admitted (again) since the last plan: the runner's block list starts afresh
-                told = 0
+        for r in requests:
+            known, held = told.get(r), len(r.block_ids)
+            if known is None:  # admitted (again) since the last plan: the runner's block list starts afresh
+                known = 0
                 plan.admitted.append(Admission(r.request_id, r.prompt_token_ids, r.params,
                                                r.seed if r.seed is not None else r.params.seed))
-            plan.request_ids.append(r.request_id)
-            plan.starts.append(item.start)
-            plan.num_tokens.append(item.num_tokens)
-            plan.samples.append(item.samples)
-            plan.kinds.append(item.kind)
-            plan.new_block_ids.append(r.block_ids[told:])
-            self._told[r] = len(r.block_ids)
+            plan.new_block_ids.append(r.block_ids[known:] if held > known else _NO_BLOCKS)
+            told[r] = held
         return plan
 
     # ------------------------------------------------------------ after step
