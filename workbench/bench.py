@@ -120,37 +120,21 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="workbench bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--skip-generate-batch", action="store_true")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    logging.basicConfig(level=logging.WARNING)
-
-    import transformers
+def _dense_and_peers(loaded: Any, prompts: list[list[int]], args: argparse.Namespace
+                     ) -> list[tuple[str, Callable[[], int]]]:
+    """Our engine on dense fp32 weights, and transformers' `generate` and `generate_batch`."""
     from transformers import AutoModelForCausalLM
 
     from .loading import load
     from .models.block_linear import BlockLinear
 
-    loaded = load()
-    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
-    prompts = chat_prompts(loaded.tokenizer, args.requests)
-    systems: list[tuple[str, Callable[[], int]]] = [("cb-workbench Engine (continuous)",
-                                                     run_ours(loaded, prompts, args.new_tokens))]
-    # the same engine with the overlapped loop: host work of step N+1 beside step N's forward on the
-    # compute worker (one model object, placed the same way, two engines)
-    systems.append(("cb-workbench Engine, overlapped loop", run_ours(loaded, prompts, args.new_tokens, overlap=True)))
+    systems: list[tuple[str, Callable[[], int]]] = []
     if any(isinstance(m, BlockLinear) for m in loaded.model.modules()):
         # the same engine with every weight dense fp32, as the peers hold them (its own model copy:
         # placing one model object both ways would undo the other's packing)
         systems.append(("cb-workbench Engine, dense fp32 weights", run_ours(load(), prompts, args.new_tokens,
                                                                             block_weights=False)))
+    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
     systems.append(("transformers generate (padded static)",
                     run_hf_generate(hf, loaded.tokenizer, prompts, args.new_tokens)))
     if not args.skip_generate_batch:
@@ -161,6 +145,36 @@ def main(argv: list[str] | None = None) -> int:
             hf_kept = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
             systems.append(("transformers generate_batch (CB, persistent manager)",
                             run_hf_generate_batch(hf_kept, prompts, args.new_tokens, persistent=True)))
+    return systems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workbench bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--skip-generate-batch", action="store_true")
+    parser.add_argument("--loops-only", action="store_true",
+                        help="only our engine, sync against overlapped loop (no peers, no dense-weights row)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.WARNING)
+
+    import transformers
+
+    from .loading import load
+
+    loaded = load()
+    prompts = chat_prompts(loaded.tokenizer, args.requests)
+    systems: list[tuple[str, Callable[[], int]]] = [("cb-workbench Engine (continuous)",
+                                                     run_ours(loaded, prompts, args.new_tokens))]
+    # the same engine with the overlapped loop: host work of step N+1 beside step N's forward on the
+    # compute worker (one model object, placed the same way, two engines)
+    systems.append(("cb-workbench Engine, overlapped loop", run_ours(loaded, prompts, args.new_tokens, overlap=True)))
+    if not args.loops_only:
+        systems += _dense_and_peers(loaded, prompts, args)
     rows = measure_interleaved(systems, args.repeats)
     for _, fn in systems:
         if hasattr(fn, "engine"):
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _report(rows, args, transformers.__version__)
     print(report["markdown"])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cpu_bench_{dt.date.today().isoformat()}"
+    stem = args.out / f"cpu_{'loops' if args.loops_only else 'bench'}_{dt.date.today().isoformat()}"
     stem.with_suffix(".md").write_text(report["markdown"])
     stem.with_suffix(".json").write_text(json.dumps(report["data"], indent=2))
     return 0
