@@ -3,7 +3,7 @@
 In-process: `engine.generate_batch(prompts, ...)` (the whole burst submitted at once).
 HTTP: the same prompts as concurrent streaming `/v1/chat/completions` requests from a
 client in another process (httpx, one connection per stream, the usage chunk counts the
-tokens), to `engine.serve_api(port=0)` on 127.0.0.1 over the very same engine. Rounds
+tokens), to `workbench.serve_api(engine, port=0)` on 127.0.0.1 over the very same engine. Rounds
 alternate in-process / HTTP so load from elsewhere on the machine falls on both; the
 ratio per round and its median are reported. Every request is greedy with `ignore_eos`,
 so both sides generate exactly `requests x max_tokens` tokens.
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     import workbench
 
     engine = workbench.Engine(args.model, max_batch=args.max_batch, device=args.device)
-    server = engine.serve_api(port=0)
+    server = workbench.serve_api(engine, port=0)
     kw = dict(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, progress=False, timeout=args.timeout)
     rows = []
     try:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- workload: {args.requests} chat requests at once, {args.max_tokens} new tokens each (greedy, ignore_eos), "
         f"max_batch {args.max_batch}, model {engine.loaded.name}",
         "- in-process: `engine.generate_batch`; HTTP: streaming /v1/chat/completions from a separate httpx "
-        "process over 127.0.0.1, one connection per request, to `engine.serve_api` on the same engine", "",
+        "process over 127.0.0.1, one connection per request, to `workbench.serve_api` on the same engine", "",
         "| round | in-process tok/s | HTTP tok/s | HTTP / in-process | engine steps in-process / HTTP |",
         "|---|---|---|---|---|",
         *[f"| {r['round']} | {r['local_tok_s']:.1f} | {r['http_tok_s']:.1f} | {r['ratio']:.3f} | "

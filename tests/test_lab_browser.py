@@ -24,10 +24,10 @@ def load_view_server(tmp_path):
     port = free_port()
     log = (tmp_path / "load_view.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workbench.ui.load_view", "--port", str(port), "--num-blocks", "64", "--max-batch", "2",
-         "--token-budget", "64"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "workbench", "serve", "--port", str(port), "--no-show", "--num-blocks", "64",
+         "--max-batch", "2", "--token-budget", "64"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}/"
+    url = f"http://127.0.0.1:{port}/load"  # the dashboard's Load view, on the served engine
 
     def up():
         if proc.poll() is not None:

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+import workbench
 from workbench import lab
 
 SMALL = dict(num_blocks=48, max_batch=4, token_budget=64)
@@ -82,7 +83,7 @@ def test_reconfigure_during_a_load_loses_nothing(make_engine):
 
 def test_load_and_sweep_through_the_http_server(make_engine):
     engine = make_engine(**SMALL)
-    server = engine.serve_api(port=0)
+    server = workbench.serve_api(engine, port=0)
     try:
         assert server.url.startswith("http://127.0.0.1:")
         target = lab.OpenAITarget(server.url)

@@ -45,7 +45,7 @@ def engine(embedded):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    server = engine.serve_api(port=0, max_body_bytes=64 * 1024)
+    server = workbench.serve_api(engine, port=0, max_body_bytes=64 * 1024)
     yield server
     server.stop()
     assert not server._thread.is_alive(), "the server thread outlived stop()"
@@ -298,7 +298,7 @@ def test_a_body_over_the_limit_is_413_declared_or_chunked(server):
 
 
 def test_api_key_is_required_on_v1_routes_when_set(engine):
-    with engine.serve_api(port=0, api_key="s3cret") as keyed:
+    with workbench.serve_api(engine, port=0, api_key="s3cret") as keyed:
         for key, status in (("wrong", 401), ("s3cret-and-more", 401), ("s3cret", 200)):
             c = openai.OpenAI(base_url=keyed.url + "/v1", api_key=key, max_retries=0, timeout=TIMEOUT)
             if status == 401:
@@ -317,7 +317,7 @@ def test_api_key_is_required_on_v1_routes_when_set(engine):
 
 def test_a_full_queue_is_429_with_retry_after(embedded):
     engine = workbench.Engine(embedded, max_batch=1, num_blocks=64, max_queue=1)
-    server = engine.serve_api(port=0)
+    server = workbench.serve_api(engine, port=0)
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
     kw = dict(model=MODEL, messages=CHAT, max_tokens=200, stream=True, extra_body={"ignore_eos": True})
     try:
@@ -346,7 +346,7 @@ def test_a_full_queue_is_429_with_retry_after(embedded):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop re-raises, by design
 def test_engine_faults_are_500_and_a_dead_engine_turns_health_503(embedded, monkeypatch):
     engine = workbench.Engine(embedded, max_batch=4, num_blocks=64)
-    server = engine.serve_api(port=0)
+    server = workbench.serve_api(engine, port=0)
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
     kw = dict(model=MODEL, messages=CHAT, max_tokens=200, extra_body={"ignore_eos": True})
     try:
@@ -565,7 +565,7 @@ def test_live_reconfigure_through_the_route_while_streams_run(engine, server):
 # ================================================================ the handle, logs, the CLI
 def test_serve_api_owns_one_named_thread_and_stop_ends_it(engine):
     before = {t.name for t in threading.enumerate()}
-    server = engine.serve_api(port=0)
+    server = workbench.serve_api(engine, port=0)
     mine = [t for t in threading.enumerate() if t.name not in before]
     assert [t.name for t in mine] == [f"workbench-api-{server.port}"]
     assert server.url == f"http://127.0.0.1:{server.port}" and server.is_running
@@ -582,7 +582,7 @@ def test_logs_never_hold_prompts_unless_asked(engine, caplog):
     with caplog.at_level(logging.DEBUG):
         for log_prompts in (False, True):
             caplog.clear()
-            with engine.serve_api(port=0, log_prompts=log_prompts, access_log=True) as s:
+            with workbench.serve_api(engine, port=0, log_prompts=log_prompts, access_log=True) as s:
                 c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
                 c.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
             logged = "\n".join(r.getMessage() for r in caplog.records)

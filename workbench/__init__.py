@@ -22,13 +22,26 @@ from .loading import LoadedModel, load  # noqa: E402
 from .request import RequestOutput, SamplingParams, StreamChunk  # noqa: E402
 
 __all__ = ["Dashboard", "Engine", "EngineConfig", "LoadedModel", "QueueFullError", "RequestOutput",
-           "SamplingParams", "StreamChunk", "load", "start"]
+           "SamplingParams", "StreamChunk", "load", "serve_api", "start"]
 __version__ = "0.1.0"
 
 
 def start(model: object = None, **config: object) -> Engine:
     """Load a model (the embedded one by default) and start an engine on it."""
     return Engine(model, **config)
+
+
+def serve_api(engine: Engine, port: int = 8000, host: str = "127.0.0.1", api_key: str | None = None,
+              **options: object) -> object:
+    """Serve `engine` over an OpenAI-compatible HTTP API (+ /metrics) in the background.
+
+    Returns the server's handle: `.url`, `.stop()`, `.metrics()`; a context manager too. `port=0`
+    picks a free port. Options: served_model_name, max_body_bytes, log_prompts, access_log
+    (docs/http.md). The server is built on the engine's public API, so it lives above it: FastAPI
+    and uvicorn load only when a server starts."""
+    from .server import serve
+
+    return serve(engine, port=port, host=host, api_key=api_key, **options)
 
 
 def __getattr__(name: str) -> object:

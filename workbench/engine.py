@@ -343,16 +343,6 @@ class Engine:
             "cuda_graph_mib": self.runner.graph_memory_bytes / 2**20,
         }
 
-    def serve_api(self, port: int = 8000, host: str = "127.0.0.1", api_key: str | None = None,
-                  **options: Any) -> Any:
-        """Serve this engine over an OpenAI-compatible HTTP API (+ /metrics) in the background.
-
-        Returns the server's handle: `.url`, `.stop()`, `.metrics()`. `port=0` picks a free port.
-        Options: served_model_name, max_body_bytes, log_prompts, access_log (docs/http.md)."""
-        from .server import serve  # FastAPI and uvicorn load only when a server starts
-
-        return serve(self, port=port, host=host, api_key=api_key, **options)
-
     def check_invariants(self) -> None:
         """Assert the block/scheduler invariants (runs on the loop thread between steps)."""
         errors: list[BaseException] = []

@@ -7,7 +7,7 @@
 
 Named `lab` so it cannot be confused with `workbench.load` (loading a model).
 Targets are the in-process engine or any OpenAI-compatible URL (this engine's
-`serve_api`, vLLM, SGLang, `transformers serve`). Nothing here touches engine
+`workbench.serve_api`, vLLM, SGLang, `transformers serve`). Nothing here touches engine
 internals: the in-process target uses the public `submit` / `cancel` /
 `reconfigure` API and the request's own timings.
 """

@@ -11,7 +11,7 @@ cancels its request (engine.cancel, or the HTTP stream is closed).
 `reconfigure` applies a config point live: `engine.reconfigure` on a worker
 thread (it waits for the loop's next step boundary, which must not happen on
 the caller's event loop), or `POST {url}/v1/engine/config` for a server that
-has that route (this engine's `serve_api`).
+has that route (`workbench.serve_api`).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class OpenAITarget:
     of httpx's CPU per streamed request, so the generator does not limit the
     measurement); https, or `client="httpx"`, through httpx.
 
-    Works with this engine's `serve_api`, vLLM, SGLang and `transformers serve`.
+    Works with `workbench.serve_api`, vLLM, SGLang and `transformers serve`.
     `ignore_eos` is a vLLM / SGLang extension that makes lengths exact; servers
     that reject unknown fields can be given `ignore_eos=False`. Each SSE chunk
     with text is one token time (a chunk may carry several tokens, as in vLLM's

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP API with Prometheus metrics, on a running engine.
 
-    server = engine.serve_api(port=8000)     # background, in-process; server.url, server.stop()
+    server = workbench.serve_api(engine, port=8000)     # background, in-process; server.url, server.stop()
     python -m workbench api --port 8000      # foreground, from a terminal
 
 Modules: `protocol` (the wire format and OpenAI's error JSON), `metrics` (the

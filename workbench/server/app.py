@@ -205,8 +205,9 @@ class EventStream(StreamingResponse):
 # ====================================================================== app
 def build_app(engine: "Engine", options: ServerOptions | None = None) -> FastAPI:
     """The ASGI app of one server over `engine` (its state is `app.state.api`)."""
-    from .. import __version__
+    from importlib.metadata import version  # the installed distribution's, as pip shows it
 
+    __version__ = version("cb-workbench")
     options = options or ServerOptions()
     state = ApiState(engine, options)
     app = FastAPI(title="cb-workbench OpenAI-compatible API", version=__version__,

@@ -1,6 +1,6 @@
 """Running the API server: in the background of a notebook (`ApiServer`) or in a terminal's foreground.
 
-`engine.serve_api(port=...)` starts uvicorn on one named thread that the returned
+`workbench.serve_api(engine, port=...)` starts uvicorn on one named thread that the returned
 `ApiServer` owns; `.stop()` ends the requests it still serves, shuts uvicorn down
 and joins the thread. The socket is bound before the thread starts, so `port=0`
 gets a free port and `.url` is right at once. uvicorn is told not to touch the
@@ -115,7 +115,7 @@ def _warn_if_exposed(host: str, api_key: str | None) -> None:
 
 def serve(engine: "Engine", port: int = 8000, host: str = "127.0.0.1", api_key: str | None = None,
           **options: Any) -> ApiServer:
-    """Start the API in the background over `engine` (what `engine.serve_api` calls)."""
+    """Start the API in the background over `engine` (what `workbench.serve_api` calls)."""
     return ApiServer(engine, host=host, port=port, api_key=api_key, **options)
 
 

@@ -22,7 +22,6 @@ on the loop of the session (the server's or the notebook kernel's), through
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import html
 import logging
@@ -514,40 +513,3 @@ def load_view(engine: "Engine", **kwargs: Any) -> Any:
     layout.load_view = view  # the controller, for notebooks and tests: layout.load_view.start()
     view.start_ticking()  # bound to the session's document when served, to the kernel's loop in a notebook
     return layout
-
-
-# ====================================================================== served alone
-def main(argv: list[str] | None = None) -> int:
-    """`python -m workbench.ui.load_view`: the Load view alone, served on loopback (for a browser or a test)."""
-    import panel as pn
-
-    from ..engine import Engine
-    from .app import free_port
-
-    p = argparse.ArgumentParser(prog="python -m workbench.ui.load_view")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--address", default="127.0.0.1")
-    p.add_argument("--max-batch", type=int, default=None)
-    p.add_argument("--num-blocks", type=int, default=None)
-    p.add_argument("--token-budget", type=int, default=None)
-    p.add_argument("--show", action=argparse.BooleanOptionalAction, default=False)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {k: getattr(args, k) for k in ("max_batch", "num_blocks", "token_budget") if getattr(args, k)}
-    engine = Engine(**overrides)
-    pn.extension(inline=True)
-    port = args.port or free_port(args.address)
-    log.info("load view: http://%s:%d/", args.address, port)
-    try:
-        pn.serve({"/": lambda: load_view(engine)}, port=port, address=args.address, show=args.show,
-                 websocket_origin=[f"{args.address}:{port}", f"localhost:{port}"], title="cb-workbench load view",
-                 verbose=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
