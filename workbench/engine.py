@@ -49,9 +49,6 @@ CPU_DEFAULT_BLOCKS = 512
 MAX_AUTO_BLOCKS = 65536
 
 
-_Live = LiveRequest  # per-request state the loop keeps beside the scheduler's `Request` (outputs.py)
-
-
 class Engine:
     """A running continuous batcher. See README for the API in use.
 
@@ -196,7 +193,7 @@ class Engine:
         return [live.handle for live in lives]
 
     def _prepare(self, prompt: Any, request_id: str | None, params: SamplingParams | None,
-                 sampling: dict[str, Any], on_done: Callable[[RequestHandle], None] | None) -> _Live:
+                 sampling: dict[str, Any], on_done: Callable[[RequestHandle], None] | None) -> LiveRequest:
         """Input processing in the caller's thread: params, tokens, fit, the request and its handle."""
         params = make_params(params, sampling)
         if on_done is not None and not callable(on_done):
@@ -213,7 +210,7 @@ class Engine:
             loop = None
         return new_live(request, RequestHandle(rid, loop, on_done), self.new_detokenizer(ids))
 
-    def _enqueue(self, lives: list[_Live]) -> None:
+    def _enqueue(self, lives: list[LiveRequest]) -> None:
         """Register validated requests and post them to the loop as one command (one step boundary)."""
         with self._lock:  # a stop() either comes after this (and ends the requests) or made us raise
             if not self._running:
@@ -430,12 +427,12 @@ class Engine:
             except Exception:  # noqa: BLE001 - a caller's on_done callback must not hurt the engine
                 log.exception("on_done callback of %s raised", handle.request_id)
 
-    def _admit(self, lives: list[_Live]) -> None:
+    def _admit(self, lives: list[LiveRequest]) -> None:
         """Hand a submitted burst to the scheduler (those not cancelled before they got here)."""
         for live in lives:
             self._admit_one(live)
 
-    def _admit_one(self, live: _Live) -> None:
+    def _admit_one(self, live: LiveRequest) -> None:
         self.core.admit(live)
         with self._lock:
             self._pending -= 1  # after the add: max_queue counts the request in one place or the other
