@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_name  # bench/machine.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -115,16 +117,6 @@ async def run_once(engine: Any, attached: bool, n: int, max_new_tokens: int) -> 
             "ticks": len(tick_s), "tick_ms_mean": 1e3 * statistics.fmean(tick_s) if tick_s else None,
             "tick_ms_max": 1e3 * max(tick_s) if tick_s else None,
             "patch_bytes": server.bytes if server else None, "patch_messages": server.messages if server else None}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # bench/machine.py: this script's folder is on sys.path
+
 TOPICS = ["the sea", "tea", "a busy kitchen", "the moon", "trains", "rain", "a library", "bees", "mountains",
           "a market", "snow", "clocks", "bicycles", "a garden", "the desert", "owls"]
 
@@ -113,11 +115,7 @@ def versions() -> dict[str, str]:
 
 
 def device() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_name()
     import os
 
     import torch

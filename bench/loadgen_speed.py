@@ -32,6 +32,8 @@ import numpy as np
 
 from workbench import lab
 
+from machine import cpu_name  # bench/machine.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).absolute().parents[1]
 
 
@@ -108,16 +110,6 @@ def versions() -> str:
         except metadata.PackageNotFoundError:
             pass
     return ", ".join(out)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
