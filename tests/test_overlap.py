@@ -207,3 +207,26 @@ def test_decode_graph_layout_pads_rows_to_nowhere():
     assert v["out_index"][:4].tolist() == [18, 86, 183, 999]
     assert v["tables"][:3, :2].tolist() == [[7, 8], [3, 0], [5, 6]] and v["tables"][3, 0].item() == 0
     assert numel == graphs.numel - 4 * 5  # the unused bucket rows of the table are not copied
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_raising_max_batch_live_grows_the_request_table_and_keeps_every_token(make_engine, overlap):
+    """More requests run at once than the runner's table had rows for (max_batch raised mid-run):
+    the table grows, keeping the rows of the requests in flight, and every output equals the one
+    the same prompts give on an engine that had room from the start."""
+    prompts = CHATS[:7]
+    kw = dict(max_new_tokens=20, ignore_eos=True, progress=False)
+    roomy = make_engine(overlap=overlap, max_batch=8).generate_batch(prompts, **kw)
+    engine = make_engine(overlap=overlap, max_batch=2)
+    capacity = engine.runner.table.capacity
+    handles = engine.submit_many(prompts, max_new_tokens=20, ignore_eos=True)
+    next(iter(handles[0]))  # running, with tokens in flight
+    engine.reconfigure(max_batch=7)
+    outs = [h.result(timeout=300) for h in handles]
+    assert capacity == 2 and engine.runner.table.capacity >= 7 and engine.runner.table.generation >= 1
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert max(len(s.slots) for s in engine.telemetry.steps()) > 2
+    engine.check_invariants()
+    # rows are freed by the next plan after their requests end: one more request, and only it may hold one
+    engine.generate_batch(prompts[:1], **kw)
+    assert len(engine.runner.table.row_of) <= 1, f"rows leaked: {sorted(engine.runner.table.row_of)}"
