@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3 and 4 in one device call (bench/NOTES.md explains the numbers):
+# The GPU checks in one device call (bench/NOTES.md's summary has what each figure is today):
 # compiled kernel tests, the engine's GPU tests, the kernel bandwidth benchmark and the host
 # profile of workload (a); `tests` runs the kernel and GPU tests side by side; `a`, `b`, `c` run
 # bench/gpu_vs_transformers.py on one workload (ours sync and overlapped twice; (a) with transformers'
@@ -48,4 +48,4 @@ for step in $steps; do
   esac
   echo "$step exit $?" >>"$OUT/env.txt"
 done
-tail -3 "$OUT"/*.txt; grep -h -E "^\| ours|^\| hf|Bandwidth" "$OUT"/*.md 2>/dev/null
+tail -n 3 "$OUT"/*.txt; grep -h -E "^\| ours|^\| hf|Bandwidth" "$OUT"/*.md 2>/dev/null
