@@ -230,3 +230,36 @@ def test_raising_max_batch_live_grows_the_request_table_and_keeps_every_token(ma
     # rows are freed by the next plan after their requests end: one more request, and only it may hold one
     engine.generate_batch(prompts[:1], **kw)
     assert len(engine.runner.table.row_of) <= 1, f"rows leaked: {sorted(engine.runner.table.row_of)}"
+
+
+def test_a_step_still_computing_samples_with_the_parameters_it_was_launched_with(make_engine, monkeypatch):
+    """CPU overlapped loop: while the compute worker still runs step N, the loop plans step N+1, and a
+    request that was cancelled meanwhile leaves the runner's table (its row freed, its sampling
+    parameters gone, the row free for a new request). Step N must draw that request's token with
+    the parameters it was launched with, and the other requests must not notice."""
+    import time
+
+    from workbench.runner import ModelRunner
+
+    greedy_step = ModelRunner._greedy_step
+
+    def slow_greedy_step(self, *args, **kwargs):
+        time.sleep(0.05)  # a slower forward: the loop thread always plans the next step meanwhile
+        return greedy_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "_greedy_step", slow_greedy_step)
+    engine = make_engine(overlap=True, max_batch=4)
+    drawn = engine.submit(CHATS[0], max_new_tokens=200, temperature=0.9, seed=5, ignore_eos=True)
+    others = [engine.submit(c, max_new_tokens=24, temperature=0.7, seed=i, ignore_eos=True)
+              for i, c in enumerate(CHATS[1:3])]
+    chunks = iter(drawn)
+    next(chunks), next(chunks)  # decoding, with its next token being drawn on the worker
+    engine.cancel(drawn.request_id)
+    assert drawn.result(timeout=60).finish_reason == "cancelled"
+    late = engine.submit(CHATS[3], max_new_tokens=24, temperature=0.7, seed=9, ignore_eos=True)  # may take the row
+    outs = [h.result(timeout=120) for h in others + [late]]
+    assert [o.finish_reason for o in outs] == ["length"] * 3, [o.error for o in outs]
+    assert engine.num_failed_steps == 0
+    alone = make_engine(overlap=False).generate_batch([CHATS[3]], max_new_tokens=24, temperature=0.7, seed=9,
+                                                      ignore_eos=True, progress=False)
+    assert outs[2].token_ids == alone[0].token_ids  # its draws depend on its own seed only

@@ -25,7 +25,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from workbench_kernels.table import select
 
@@ -170,16 +169,13 @@ class ModelRunner:
 
     def _sample_others(self, step: HostStep, logits: torch.Tensor, tokens: torch.Tensor,
                        out_index: torch.Tensor) -> None:
-        """Replace the argmax of the rows that sample (temperature > 0), in `tokens` and in the table."""
-        greedy = self.table.greedy[step.sample_rows]
-        if greedy.all():
+        """Replace the argmax of the rows that draw (temperature > 0), in `tokens` and in the table.
+        Their parameters come from the step, as they were at launch (never from the table now)."""
+        drawn = step.drawn
+        if drawn is None:
             return
-        k = np.flatnonzero(~greedy)
-        rows = step.sample_rows[k].tolist()
-        picked = self.sampler.sample(logits[: len(greedy)][torch.from_numpy(k).to(logits.device)],
-                                     [self.table.params[r] for r in rows], [self.table.seeds[r] for r in rows],
-                                     step.counters[k].tolist())
-        where = torch.from_numpy(k).to(tokens.device)
+        where = torch.from_numpy(drawn.index).to(logits.device)
+        picked = self.sampler.sample(logits[where], drawn.params, drawn.seeds, drawn.counters)
         tokens[where] = picked
         self.table.device_tokens.index_copy_(0, out_index[where], picked)
 

@@ -20,7 +20,19 @@ import torch
 
 from .models import AttentionContext
 from .plan import StepPlan
+from .request import SamplingParams
 from .request_table import RequestTable
+
+
+@dataclass(slots=True)
+class DrawnRows:
+    """The sampling rows that draw (temperature > 0), with their parameters as they were at launch:
+    the step may run after the loop thread has moved the request table on (the CPU's compute worker)."""
+
+    index: np.ndarray  # [N] int64, positions among the step's sampling rows
+    params: list[SamplingParams]
+    seeds: list[int]
+    counters: list[int]
 
 
 @dataclass(slots=True)
@@ -39,6 +51,7 @@ class HostStep:
     sample_rows: np.ndarray  # [S] int64, table rows of the sampling requests
     counters: np.ndarray  # [S] int64, index among its generated tokens of each sampled token
     decode_only: bool
+    drawn: "DrawnRows | None" = None  # the sampling rows that do not take the argmax (None: all greedy)
 
     @property
     def num_tokens(self) -> int:
@@ -72,11 +85,22 @@ def build_host_step(plan: StepPlan, rows: np.ndarray, table: RequestTable, block
     slots = tables[token_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
     ends = starts + lens
     sample_rows = rows[sampling]
+    counters = ends[sampling] - table.prompt_len[sample_rows]
     return HostStep(
         host_ids=table.host_tokens[token_rows, positions], table_index=token_rows * table.width + positions,
         positions=positions, slots=slots, cu_seqlens=cu, seq_lens=ends, logits_index=cu[1:][sampling] - 1,
         out_index=sample_rows * table.width + ends[sampling], tables=tables, sample_rows=sample_rows,
-        counters=ends[sampling] - table.prompt_len[sample_rows], decode_only=plan.decode_only)
+        counters=counters, decode_only=plan.decode_only, drawn=_drawn_rows(table, sample_rows, counters))
+
+
+def _drawn_rows(table: RequestTable, sample_rows: np.ndarray, counters: np.ndarray) -> DrawnRows | None:
+    drawing = ~table.greedy[sample_rows]
+    if not drawing.any():
+        return None
+    index = np.flatnonzero(drawing)
+    rows = sample_rows[index].tolist()
+    return DrawnRows(index, [table.params[r] for r in rows], [table.seeds[r] for r in rows],
+                     counters[index].tolist())
 
 
 @dataclass(slots=True)
