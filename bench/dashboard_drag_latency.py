@@ -32,6 +32,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from machine import cpu_name  # bench/machine.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "date": args.date,
-        "device": f"CPU: {_cpu_name()}, {os.cpu_count()} cores (shared with other jobs)",
+        "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs)",
         "command": "python bench/dashboard_drag_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "panel": panel.__version__,
                      "bokeh": bokeh.__version__, "workbench": workbench.__version__,
@@ -189,16 +191,6 @@ def main(argv: list[str] | None = None) -> int:
           f"over {d['n']} polls and {moves_done} releases; quiet (same burst, no drags): median "
           f"{summary['quiet']['median_ms']:.1f} ms, p99 {summary['quiet']['p99_ms']:.1f} ms; wrote {out}")
     return 0 if summary["meets_target"] else 1
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

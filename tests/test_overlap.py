@@ -152,9 +152,7 @@ def test_graph_layouts_run_the_same_step_as_eager(embedded):
             rows = runner.table.apply(plan)
             step = build_host_step(plan, rows, runner.table, 16)
             before = runner.table.device_tokens.clone()
-            slot = runner._slots[0]
-            slot.pinned.write(step)
-            eager = runner._eager_step(step, slot).tolist()
+            eager = runner._eager_step(step, runner._slots[0]).tolist()
             after_eager = runner.table.device_tokens.clone()
             runner.table.device_tokens.copy_(before)
             family = decode if (plan.decode_only and len(plan) <= decode.top) else mixed

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 class StepResult:
     """A launched step: its sampled tokens on the device, their host copy, and how to know it landed."""
 
-    request_ids: list[str]  # the sampling rows' request ids, in the order of the tokens
     tokens: torch.Tensor | None = None  # device [S]
     host_tokens: torch.Tensor | None = None  # pinned [S], filled by the D2H copy (CUDA)
     done: torch.cuda.Event | None = None  # the D2H copy has landed (CUDA)
@@ -200,8 +199,7 @@ class ModelRunner:
             self._drain()  # the table grows: no step in flight may still write the old one
         rows = self.table.apply(plan)
         step = build_host_step(plan, rows, self.table, self.block_size)
-        slot.pinned.write(step)
-        result = StepResult(plan.sampling_ids)
+        result = StepResult()
         t1 = time.perf_counter()
         result.prepare_s = t1 - t0
         if self.cuda:
@@ -315,9 +313,7 @@ class ModelRunner:
         self._drain()
         rows = self.table.apply(plan)
         step = build_host_step(plan, rows, self.table, self.block_size)
-        slot = self._slots[self._next_slot]
-        slot.pinned.write(step)
-        t = to_device(step, slot.pinned, self.device, self.kv_caches)
+        t = to_device(step, self._slots[self._next_slot].pinned, self.device, self.kv_caches)
         hidden = self.model(gather_input_ids(self.table.device_tokens, t), t.positions, t.ctx)
         return self.model.compute_logits(hidden).float()
 

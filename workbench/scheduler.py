@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
 from .blocks import BlockManager
 from .plan import Admission, Kind, StepPlan
 from .request import Request, Status
@@ -99,7 +100,7 @@ class Scheduler:
 
     # -------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan:
-        """Decide the next step; its plan (call `advance` with it once the step is launched)."""
+        """Decide the next step; its plan (call `advance()` once the step is launched)."""
         return self.emit(self.schedule_batch())
 
     def schedule_batch(self) -> Batch:

@@ -117,7 +117,9 @@ class StepTensors:
 
 def to_device(step: HostStep, staged: "PinnedStep", device: torch.device,
               kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepTensors:
-    """Eager step inputs: the staged arrays copied to fresh device tensors (asynchronously on CUDA)."""
+    """Eager step inputs: the step staged in `staged`, then copied to fresh device tensors
+    (asynchronously on CUDA). A graphed step skips this: it is staged in its graph's layout."""
+    staged.write(step)
     T, B, S, W = step.num_tokens, step.num_seqs, step.num_samples, step.tables.shape[1]
     nb = device.type == "cuda"
 
