@@ -104,6 +104,31 @@ def test_decode_steps_replay_cuda_graphs(hf32):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
+def test_decode_runs_equal_single_steps_fp32_graphed_and_eager(hf32):
+    """Decode runs of 8 steps (staged at once, replayed back to back, each step reading the token
+    the one before sampled on the device) give the tokens of one step per launch, in fp32, with
+    preemptions, seeded sampling rows, and with and without CUDA graphs."""
+    loaded = workbench.load(hf32, tokenizer=tokenizer(), dtype=torch.float32, device="cuda")
+    rng = random.Random(8)
+    ps = prompts(40, 8, lo=8, hi=160)
+    kw = [dict(max_new_tokens=rng.randint(8, 96), ignore_eos=True) | (dict(temperature=0.7, seed=i)
+                                                                     if i % 4 == 0 else {}) for i in range(len(ps))]
+    outs, runs = {}, {}
+    for steps, graphs in ((1, True), (8, True), (8, False)):
+        with workbench.Engine(loaded, dtype="float32", device="cuda", num_blocks=160, max_batch=32,
+                              token_budget=512, decode_steps=steps, cuda_graphs=graphs) as engine:
+            handles = [engine.submit(p, **k) for p, k in zip(ps, kw)]
+            outs[steps, graphs] = [h.result(timeout=300).token_ids for h in handles]
+            records = engine.telemetry.steps()
+            runs[steps, graphs] = [s for s in records if any(x.kind == "decode" and x.num_tokens > 1 for x in s.slots)]
+            assert sum(len(s.preempted) for s in records) > 0, "the KV cache must be too small"
+            engine.check_invariants()
+    assert not runs[1, True] and runs[8, True] and runs[8, False]
+    assert all(s.graphed for s in runs[8, True]) and not any(s.graphed for s in runs[8, False])
+    assert [len(o) for o in outs[8, True]] == [k["max_new_tokens"] for k in kw]
+    assert outs[8, True] == outs[1, True] and outs[8, False] == outs[1, True]
+
+
 def test_short_and_long_context_graphs_give_the_eager_tokens(hf32):
     """Contexts that grow past the short-context bound switch graph sets mid-request (unsplit
     attention below it, split above), and the prefill steps replay mixed-step graphs; fp32

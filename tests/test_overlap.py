@@ -18,7 +18,7 @@ CHATS = [[{"role": "user", "content": q}] for q in (
 
 
 def run(make_engine, overlap: bool, prompts, **kw):
-    engine = make_engine(overlap=overlap, **{k: kw.pop(k) for k in list(kw) if k in ("num_blocks", "max_batch", "token_budget")})
+    engine = make_engine(overlap=overlap, **{k: kw.pop(k) for k in list(kw) if k in ("num_blocks", "max_batch", "token_budget", "decode_steps")})
     outs = engine.generate_batch(prompts, progress=False, **kw)
     steps = engine.telemetry.steps()
     engine.check_invariants()

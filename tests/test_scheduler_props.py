@@ -5,7 +5,8 @@ The "model" is a pure function of the context (same tokens in, same token out),
 so every request's output is known in advance from a solo run; a simulated KV
 cache records which token each step wrote into each slot, so a block handed to
 the wrong request, a stale prefix-cache hit or a lost token shows up as a wrong
-context. After every rule the block and queue invariants must hold, every step
+context. Decode runs (several decode steps in one plan) are simulated step by
+step, each reading the token the one before "sampled". After every rule the block and queue invariants must hold, every step
 must respect the token budget and max batch, and once submissions stop every
 request must finish within a bounded number of steps.
 """
@@ -44,11 +45,12 @@ def solo_output(prompt: list[int], max_new: int, stops: bool) -> list[int]:
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(capacity=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4]),
                 max_batch=st.integers(1, 6), token_budget=st.integers(1, 24), caching=st.booleans(),
-                policy=st.sampled_from(["continuous", "continuous", "static", "sequential"]))
+                policy=st.sampled_from(["continuous", "continuous", "static", "sequential"]),
+                decode_steps=st.sampled_from([1, 1, 2, 4]))
     def setup(self, capacity: int, block_size: int, max_batch: int, token_budget: int, caching: bool,
-              policy: str) -> None:
+              policy: str, decode_steps: int) -> None:
         self.blocks = BlockManager(capacity, block_size, caching)
-        self.sched = Scheduler(self.blocks, max_batch, token_budget, policy)
+        self.sched = Scheduler(self.blocks, max_batch, token_budget, policy, decode_steps)
         self.kv = [[None] * block_size for _ in range(capacity)]
         self.live: list[Request] = []
         self.ended: list[Request] = []
@@ -81,6 +83,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert not request.block_ids and request.num_computed == 0 and id(request) not in scheduled
             else:
                 assert id(request) in scheduled, "a preempted request runs again but is not scheduled"
+        k = batch.steps
+        assert 1 <= k <= max(1, s.decode_steps), f"a run of {k} steps > decode_steps {s.decode_steps}"
+        if k > 1:
+            assert not s.waiting and not batch.preempted, "a run while a request waits (or after a preemption)"
+            assert all(i.kind == "decode" for i in batch.items) and len(batch.items) == len(s.running)
         written: set[tuple[int, int]] = set()
         for item in batch.items:
             r = item.request
@@ -88,9 +95,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert item.num_tokens >= 1 and item.start == r.num_computed
             assert item.start + item.num_tokens <= r.num_tokens
             assert item.kind == "prefill" or r.num_tokens - item.start == 1, "a decode of more than one token"
-            assert len(r.block_ids) >= bm.blocks_needed(item.start + item.num_tokens)
+            assert r.num_generated + k * item.samples <= r.params.max_new_tokens, "a run past max_new_tokens"
+            assert len(r.block_ids) >= bm.blocks_needed(item.start + item.num_tokens * k)
             assert all(b < bm.limit for b in r.block_ids), "a scheduled request holds a block past the limit"
-            for p in range(item.start, item.start + item.num_tokens):
+            for p in range(item.start, item.start + item.num_tokens * k):
                 block = r.block_ids[p // bm.block_size]
                 assert bm.blocks[block].ref_count == 1, f"{r.request_id} writes shared block {block}"
                 slot = (block, p % bm.block_size)
@@ -126,25 +134,31 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._check_plan(batch, self.sched.emit(batch))
         assert batch.items, "work is waiting but nothing was scheduled (livelock)"
         bs = self.blocks.block_size
-        for item in batch.items:
-            r, tokens = item.request, item.request.all_token_ids
-            for p in range(item.start, item.start + item.num_tokens):
-                self.kv[r.block_ids[p // bs]][p % bs] = tokens[p]
-        for item in batch.items:  # attention reads the whole context through the block table
-            r, tokens = item.request, item.request.all_token_ids
-            seen = [self.kv[r.block_ids[p // bs]][p % bs] for p in range(item.start + item.num_tokens)]
-            assert seen == tokens[: item.start + item.num_tokens], f"{r.request_id} reads a wrong context"
+        sampled: dict[int, list[int]] = {id(i.request): [] for i in batch.items}  # on the "device"
+        for j in range(batch.steps):  # a run's steps one after the other, each one position further
+            for item in batch.items:
+                r, tokens = item.request, item.request.all_token_ids + sampled[id(item.request)]
+                for p in range(item.start + j, item.start + j + item.num_tokens):
+                    self.kv[r.block_ids[p // bs]][p % bs] = tokens[p]
+            for item in batch.items:  # attention reads the whole context through the block table
+                r, tokens = item.request, item.request.all_token_ids + sampled[id(item.request)]
+                end = item.start + j + item.num_tokens
+                seen = [self.kv[r.block_ids[p // bs]][p % bs] for p in range(end)]
+                assert seen == tokens[:end], f"{r.request_id} reads a wrong context"
+                if item.samples:
+                    sampled[id(r)].append(fake_token(tokens[:end]))
         self.sched.advance()
-        for item in batch.items:
-            if not item.samples:
-                continue
-            r = item.request
-            assert r.num_in_flight == 1
-            r.receive(fake_token(r.all_token_ids))
-            if len(r.output_token_ids) >= r.params.max_new_tokens:
-                self._end(r, "length")
-            elif r.params.stop and r.output_token_ids[-1] == STOP_TOKEN:
-                self._end(r, "stop")
+        for j in range(batch.steps):  # the output processor: step by step, a stopped request drops the rest
+            for item in batch.items:
+                r = item.request
+                if not item.samples or r.finished:
+                    continue
+                assert r.num_in_flight == batch.steps - j
+                r.receive(sampled[id(r)][j])
+                if len(r.output_token_ids) >= r.params.max_new_tokens:
+                    self._end(r, "length")
+                elif r.params.stop and r.output_token_ids[-1] == STOP_TOKEN:
+                    self._end(r, "stop")
         self.steps += 1
         return batch
 
@@ -172,11 +186,13 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(max_batch=st.none() | st.integers(1, 6), token_budget=st.none() | st.integers(1, 24),
           num_blocks=st.none() | st.integers(1, 24), caching=st.none() | st.booleans(),
-          policy=st.none() | st.sampled_from(["continuous", "static", "sequential"]))
+          policy=st.none() | st.sampled_from(["continuous", "static", "sequential"]),
+          decode_steps=st.none() | st.sampled_from([1, 2, 4]))
     def reconfigure(self, max_batch: int | None, token_budget: int | None, num_blocks: int | None,
-                    caching: bool | None, policy: str | None) -> None:
+                    caching: bool | None, policy: str | None, decode_steps: int | None) -> None:
         """What EngineCore.apply_config does, at a step boundary."""
         s = self.sched
+        s.decode_steps = decode_steps or s.decode_steps
         s.max_batch = max_batch or s.max_batch
         s.token_budget = token_budget or s.token_budget
         s.policy = policy or s.policy

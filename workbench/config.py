@@ -16,8 +16,11 @@ Policy = Literal["continuous", "static", "sequential"]
 
 _DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?")
 
+MAX_DECODE_STEPS = 64
+CUDA_DECODE_STEPS = 4  # decode_steps=None on a GPU: hides ~0.4 ms of host work per launch behind 4 graph replays
+
 # Fields that may change while requests are in flight (applied at a step boundary).
-LIVE_FIELDS = ("max_batch", "num_blocks", "token_budget", "prefix_caching", "policy", "overlap")
+LIVE_FIELDS = ("max_batch", "num_blocks", "token_budget", "prefix_caching", "policy", "overlap", "decode_steps")
 
 
 @dataclass(slots=True)
@@ -35,6 +38,7 @@ class EngineConfig:
     dtype: str | None = None
     kernels: Literal["auto", "torch", "triton"] = "auto"
     overlap: bool | None = None
+    decode_steps: int | None = None  # decode steps per launch while the batch holds still; None: the device's default
     cuda_graphs: bool = True
     block_weights: bool = True  # CPU fp32: weights that are exactly GGUF Q4_1 / Q8_0 blocks stay blocks for decode
     freeze_gc: bool | None = None
@@ -56,6 +60,10 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, (None, "float32", "bfloat16", "float16"))
         _check_choice("prefix_caching", self.prefix_caching, (True, False))
         _check_choice("overlap", self.overlap, (None, True, False))
+        d = self.decode_steps
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DECODE_STEPS):
+            raise ValueError(f"decode_steps must be None (the device's default) or an integer in "
+                             f"[1, {MAX_DECODE_STEPS}], got {d!r}")
         _check_choice("cuda_graphs", self.cuda_graphs, (True, False))
         _check_choice("block_weights", self.block_weights, (True, False))
         _check_choice("freeze_gc", self.freeze_gc, (None, True, False))

@@ -10,6 +10,10 @@ processor (outputs.py), which streams them and ends requests. Two loops:
   A token that N sampled is still on the device when N+1 is planned; N+1 reads
   it there (the runner's request table), so nothing waits for the host.
 
+Either loop may launch a decode run (several decode steps in one plan, while
+the batch holds still): its tokens are processed step by step, as if each step
+had been launched alone.
+
 A failing step fails its requests and the engine goes on serving. `Engine`
 (engine.py) is the front: it owns the thread, the public API and the inbox of
 commands, and calls `step` whenever there is work.
@@ -122,10 +126,15 @@ class EngineCore:
         return flight
 
     def _process(self, flight: Flight) -> None:
-        """A step's tokens to their requests (outputs.py), then the step's record."""
+        """A step's tokens to their requests (outputs.py), then the step's record. A decode run's
+        tokens go step by step, so a request that stops mid-run drops the tokens after its stop."""
         tokens = self.runner.collect(flight.result)
         t2 = time.perf_counter()
-        accepted, finished = self.outputs.process(flight.lives, tokens, self.step_index, t2)
+        S, accepted, finished = len(flight.lives), 0, []
+        for j in range(flight.plan.steps):
+            n, ended = self.outputs.process(flight.lives, tokens[j * S : (j + 1) * S], self.step_index, t2)
+            accepted += n
+            finished += ended
         t3 = time.perf_counter()
         self._record(flight, accepted, finished, t3, t3 - t2)
         self.step_index += 1
@@ -195,6 +204,7 @@ class EngineCore:
         self.config = new
         self.scheduler.max_batch, self.scheduler.token_budget = new.max_batch, new.token_budget
         self.scheduler.policy = new.policy
+        self.scheduler.decode_steps = new.decode_steps
         if new.prefix_caching != old.prefix_caching:
             self.blocks.set_prefix_caching(new.prefix_caching)
         if new.num_blocks != self.blocks.limit:
@@ -210,7 +220,8 @@ class EngineCore:
     # ------------------------------------------------------------- telemetry
     def _record(self, flight: Flight, accepted: int, finished: list[str], t_end: float, post_s: float) -> None:
         plan, result = flight.plan, flight.result
-        slots = [SlotRecord(rid, n, kind) for rid, n, kind in zip(plan.request_ids, plan.num_tokens, plan.kinds)]
+        slots = [SlotRecord(rid, n * plan.steps, kind)
+                 for rid, n, kind in zip(plan.request_ids, plan.num_tokens, plan.kinds)]
         slots += [SlotRecord("", 0, "padding")] * plan.padded_slots
         tables = {r.request_id: list(r.block_ids) for r in self.scheduler.running}
         gpu_start, gpu_end = self._compute_span(result)

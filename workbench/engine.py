@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import torch
 
 from .blocks import BlockManager
-from .config import LIVE_FIELDS, EngineConfig
+from .config import CUDA_DECODE_STEPS, LIVE_FIELDS, EngineConfig
 from .core import EngineCore
 from .detokenizer import detokenizer_factory
 from .handle import RequestHandle
@@ -78,6 +78,8 @@ class Engine:
             config = config.replace(overlap=device.type == "cuda")
         if config.freeze_gc is None:
             config = config.replace(freeze_gc=device.type == "cuda")
+        if config.decode_steps is None:
+            config = config.replace(decode_steps=self._default_decode_steps(device, config))
         self.capacity = num_blocks
         model_len = config.max_model_len or self.loaded.config.max_position_embeddings
         if self.loaded.config.sliding_window:
@@ -93,7 +95,8 @@ class Engine:
                      self.runner.graphs.sizes, self.runner.mixed_graphs.sizes)
             self.runner.capture_graphs()
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_batch, config.token_budget, config.policy)
+        self.scheduler = Scheduler(self.blocks, config.max_batch, config.token_budget, config.policy,
+                                   config.decode_steps)
         self.telemetry = Telemetry(config.telemetry_steps, max_events=64 * config.telemetry_steps)
         self.outputs = OutputProcessor(self.loaded.eos_token_ids, self.telemetry, release=self.scheduler.remove)
         self.core = EngineCore(config, self.runner, self.scheduler, self.blocks, self.telemetry, self.outputs,
@@ -292,7 +295,8 @@ class Engine:
             self._call(lambda: self.core.cancel(live))
 
     def reconfigure(self, *, wait: bool = True, **changes: Any) -> EngineConfig:
-        """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy, overlap) at the next step.
+        """Change live knobs (max_batch, num_blocks, token_budget, prefix_caching, policy, overlap, decode_steps)
+        at the next step.
 
         With `wait=False` the change is posted and the validated config that will apply is returned at
         once: a UI thread must never wait on the loop. Each post builds on the one before (two quick
@@ -309,6 +313,8 @@ class Engine:
                                  f"at start), got {n!r}")
         if "overlap" in changes and changes["overlap"] is None:
             changes["overlap"] = self.device.type == "cuda"  # None: the device's default, as at start
+        if "decode_steps" in changes and changes["decode_steps"] is None:
+            changes["decode_steps"] = self._default_decode_steps(self.device, self.config)
         with self._lock:  # build on the last posted config, so quick posts of different knobs all hold
             new = (self._posted or self.config).replace(**changes)
             self._posted = new
@@ -436,6 +442,12 @@ class Engine:
         self.core.admit(live)
         with self._lock:
             self._pending -= 1  # after the add: max_queue counts the request in one place or the other
+
+    @staticmethod
+    def _default_decode_steps(device: torch.device, config: EngineConfig) -> int:
+        """decode_steps=None: runs on a GPU, where a small model's step is shorter than the host's
+        work for it; one step at a time on a CPU, whose forward dwarfs the host's work anyway."""
+        return CUDA_DECODE_STEPS if device.type == "cuda" else 1
 
     def _auto_blocks(self, config: EngineConfig) -> int:
         per_block = self.loaded.config.kv_bytes_per_token(self.dtype) * config.block_size

@@ -7,6 +7,8 @@ named views (`carve`) that form the step's `StepTensors`. The contract, per step
 
 * `prepare(step, host)`: write the step, padded to its bucket, into a pinned
   mirror of the static layout; return the graph's key and how much to copy.
+  `prepare_run` stages a decode run's steps one after another (each later
+  step only its per-row vectors: its block tables are the first step's).
 * `load(staged, numel)`: on the compute stream, the staged copy into place.
 * `replay(key)`: run the captured step; its logits and greedy tokens.
 
@@ -49,6 +51,7 @@ SHORT_CONTEXT = 511  # the split heuristic never splits decode keys below 512
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 StepFn = Callable[[StepTensors, torch.Tensor, torch.Tensor], None]  # (inputs, logits out, tokens out)
 Key = tuple[int, int]
+Load = tuple[Key, int, int]  # a staged step: its graph, where it starts in the staged buffer, its length
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -105,6 +108,27 @@ class _GraphFamily:
     def host_views(self, host: np.ndarray) -> dict[str, np.ndarray]:
         """The same named views over a host mirror of the static buffer."""
         return carve(host, self.layout)
+
+    def prepare_run(self, steps: list[HostStep], host: np.ndarray, scratch: int) -> list[Load]:
+        """Every step of a plan, one after the other in the host mirror: (key, offset, numel) each.
+        A decode run's later steps stage only what changes (`prepare_next`)."""
+        loads, offset = [], 0
+        for j, step in enumerate(steps):
+            key, numel = (self.prepare(step, host[offset:], scratch) if j == 0
+                          else self.prepare_next(step, host[offset:], scratch))
+            loads.append((key, offset, numel))
+            offset += numel
+        return loads
+
+    def staging_size(self, steps: int) -> int:
+        """Host mirror elements `prepare_run` needs for a plan of `steps` steps."""
+        return self.numel * (steps + 1)
+
+    def prepare(self, step: HostStep, host: np.ndarray, scratch: int) -> tuple[Key, int]:
+        raise NotImplementedError
+
+    def prepare_next(self, step: HostStep, host: np.ndarray, scratch: int) -> tuple[Key, int]:
+        raise NotImplementedError(f"{self.kind} graphs run one step per plan")
 
     def load(self, staged: torch.Tensor, numel: int) -> None:
         """On the compute stream: the staged step into the static inputs."""
@@ -179,6 +203,19 @@ class DecodeGraphs(_GraphFamily):
     def prepare(self, step: HostStep, host: np.ndarray, scratch: int) -> tuple[Key, int]:
         """Write a B-request decode step, padded to its bucket, into the host mirror; return the
         graph's key and how many leading elements to copy."""
+        key, v = self._write_rows(step, host, scratch)
+        B, size, W = step.num_seqs, key[1], step.tables.shape[1]
+        v["tables"][:B, :W] = step.tables
+        v["tables"][B:size, 0] = 0
+        return key, self.numel - (self.top - size) * v["tables"].shape[1]
+
+    def prepare_next(self, step: HostStep, host: np.ndarray, scratch: int) -> tuple[Key, int]:
+        """A later step of a decode run: only the per-row vectors (they come first in the layout);
+        the block tables that the run's first step loaded stay in place."""
+        key, v = self._write_rows(step, host, scratch)
+        return key, self.numel - self.top * v["tables"].shape[1]
+
+    def _write_rows(self, step: HostStep, host: np.ndarray, scratch: int) -> tuple[Key, dict[str, np.ndarray]]:
         B = step.num_seqs
         size = self.bucket(B)
         v = self.host_views(host)
@@ -187,11 +224,8 @@ class DecodeGraphs(_GraphFamily):
                                   ("seq_lens", step.seq_lens, 1), ("out_index", step.out_index, scratch)):
             v[name][:B] = values
             v[name][B:size] = pad  # padding rows: no KV slot, a 1-token context, token to the scratch cell
-        W = step.tables.shape[1]
-        v["tables"][:B, :W] = step.tables
-        v["tables"][B:size, 0] = 0
         bound = next(b for b in self.context_bounds if b >= int(step.seq_lens.max()))
-        return (bound, size), self.numel - (self.top - size) * v["tables"].shape[1]
+        return (bound, size), v
 
     def inputs(self, key: Key, kv_caches: KVCaches) -> StepTensors:
         bound, size = key

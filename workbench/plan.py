@@ -34,7 +34,11 @@ class Admission:
 
 @dataclass(slots=True)
 class StepPlan:
-    """Row k runs tokens [starts[k], starts[k] + num_tokens[k]) of request request_ids[k]."""
+    """Row k runs tokens [starts[k], starts[k] + num_tokens[k]) of request request_ids[k].
+
+    A decode run (`steps` > 1, decode rows only) is that step and the `steps - 1` after it, each
+    one position further, launched together: step j reads the token step j - 1 sampled, on the
+    device. Its blocks are all in `new_block_ids` already; its tokens come back step by step."""
 
     request_ids: list[str] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
@@ -46,12 +50,14 @@ class StepPlan:
     preempted_ids: list[str] = field(default_factory=list)  # lost their KV this step (recomputed later)
     finished_ids: list[str] = field(default_factory=list)  # left the engine since the last plan
     padded_slots: int = 0  # empty batch slots a static batch holds (telemetry only)
+    steps: int = 1  # a decode run: the same rows decode this many steps in a row, one token each per step
 
     def __len__(self) -> int:
         return len(self.request_ids)
 
     @property
     def total_tokens(self) -> int:
+        """Tokens of one step (of a run: of each of its steps)."""
         return sum(self.num_tokens)
 
     @property

@@ -14,7 +14,11 @@ staging of step inputs, the CUDA graphs and the streams. Per step:
   from the request table's device tokens elsewhere, and writes the tokens it
   samples there. So the step after one still in flight needs nothing from the
   host to carry on (the carry-over is that gather), whatever the loop.
-* `collect(result)` waits for that step's tokens only.
+* A decode run (`plan.steps` > 1) launches its steps together: on CUDA they are
+  staged in one copy and replayed one after the other, each reading the token
+  the one before sampled from the table. The host plans, prepares and
+  launches once for all of them.
+* `collect(result)` waits for that step's tokens only (a run's, step after step).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from .openmp import release_idle_workers
 from .plan import StepPlan
 from .request_table import RequestTable
 from .sampling import Sampler
-from .step_inputs import HostStep, PinnedStep, StepTensors, build_host_step, gather_input_ids, to_device
+from .step_inputs import (HostStep, PinnedStep, StepTensors, build_host_step, gather_input_ids, next_decode_step,
+                          to_device)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,8 @@ log = logging.getLogger(__name__)
 class StepResult:
     """A launched step: its sampled tokens on the device, their host copy, and how to know it landed."""
 
-    tokens: torch.Tensor | None = None  # device [S]
-    host_tokens: torch.Tensor | None = None  # pinned [S], filled by the D2H copy (CUDA)
+    tokens: torch.Tensor | None = None  # device [steps * S]: each step's sampled tokens in turn
+    host_tokens: torch.Tensor | None = None  # pinned [steps * S], filled by the D2H copy (CUDA)
     done: torch.cuda.Event | None = None  # the D2H copy has landed (CUDA)
     token_list: list[int] | None = None  # the tokens on the host, once collected
     prepare_s: float = 0.0
@@ -61,9 +66,9 @@ class _Slot:
     """One of the two staging areas a step goes through, with what tells when it is free again."""
 
     pinned: PinnedStep
-    graph_host: torch.Tensor  # a pinned mirror of the graphs' static layout
+    graph_host: torch.Tensor  # a pinned mirror of the graphs' static layout (one per step of a run)
     graph_dev: torch.Tensor | None  # its device copy, loaded into the graph on the compute stream
-    sampled_dev: torch.Tensor | None  # this step's tokens on the device, safe from the next replay
+    sampled_dev: torch.Tensor | None  # this step's (run's) tokens on the device, safe from the next replay
     events: dict[str, torch.cuda.Event] = field(default_factory=dict)
     copied: torch.cuda.Event | None = None  # the H2D copy has read the pinned buffers
     consumed: torch.cuda.Event | None = None  # the compute stream has read graph_dev
@@ -101,19 +106,19 @@ class ModelRunner:
                                             vocab, logits_dtype, device)
         self.graph_families = [g for g in (self.graphs, self.mixed_graphs) if g is not None]  # tried in this order
         self._graph_generation = -1  # the request table's generation the graphs were captured on
-        self._slots = [self._new_slot(max(token_budget, max_batch), max_batch) for _ in range(2)]
+        self._slots = [self._new_slot(max(token_budget, max_batch), max_batch, 1) for _ in range(2)]
         self._next_slot = 0
         # On a CPU the forward passes run on one worker thread, in launch order: the CPU's stream.
         # The loop thread then prepares step N+1 while step N computes (the overlapped loop), and
         # only this thread ever runs torch's parallel regions (one OpenMP team: see openmp.py).
         self._compute = _ComputeWorker() if not self.cuda else None
 
-    def _new_slot(self, max_tokens: int, max_seqs: int) -> _Slot:
-        graph_numel = max((g.numel for g in self.graph_families), default=0)
-        slot = _Slot(PinnedStep(max_tokens, max_seqs, self.max_blocks, self.cuda),
+    def _new_slot(self, max_tokens: int, max_seqs: int, steps: int) -> _Slot:
+        graph_numel = max((g.staging_size(steps) for g in self.graph_families), default=0)
+        slot = _Slot(PinnedStep(max_tokens, max_seqs, self.max_blocks, self.cuda, steps),
                      torch.zeros(graph_numel, dtype=torch.int64, pin_memory=self.cuda),
                      torch.zeros(graph_numel, dtype=torch.int64, device=self.device) if graph_numel else None,
-                     torch.empty(max_seqs, dtype=torch.int64, device=self.device) if self.cuda else None)
+                     torch.empty(max_seqs * steps, dtype=torch.int64, device=self.device) if self.cuda else None)
         if self.cuda:  # made once, recorded again each time the slot comes round
             slot.events = {"gpu_start": torch.cuda.Event(enable_timing=True),
                            "gpu_end": torch.cuda.Event(enable_timing=True),
@@ -198,18 +203,20 @@ class ModelRunner:
         if plan.admitted and not self.table.has_rows_for(plan):
             self._drain()  # the table grows: no step in flight may still write the old one
         rows = self.table.apply(plan)
-        step = build_host_step(plan, rows, self.table, self.block_size)
+        steps = [build_host_step(plan, rows, self.table, self.block_size)]
+        for _ in range(1, plan.steps):
+            steps.append(next_decode_step(steps[-1], self.table, self.block_size))
         result = StepResult()
         t1 = time.perf_counter()
         result.prepare_s = t1 - t0
         if self.cuda:
             prior = torch.cuda.current_stream(self.device)
             try:  # set_stream directly: a `torch.cuda.stream` context costs several device queries each
-                self._launch_cuda(result, slot, step)
+                self._launch_cuda(result, slot, steps)
             finally:
                 torch.cuda.set_stream(prior)
         else:
-            slot.computed = result.computed = self._compute.submit(self._compute_cpu, result, slot, step)
+            slot.computed = result.computed = self._compute.submit(self._compute_cpu, result, slot, steps)
         result.launch_s = time.perf_counter() - t1
         return result
 
@@ -222,9 +229,10 @@ class ModelRunner:
         if slot.computed is not None:
             slot.computed.exception()  # CPU: the worker has finished reading it (its error, if any,
             # was raised by collect() and already failed that step: not this one)
-        if plan.total_tokens > slot.pinned.max_tokens or len(plan) > slot.pinned.max_seqs:
+        p = slot.pinned
+        if plan.total_tokens > p.max_tokens or len(plan) > p.max_seqs or plan.steps > p.steps:
             slot = self._slots[self._next_slot] = self._new_slot(
-                max(plan.total_tokens, slot.pinned.max_tokens), max(len(plan), slot.pinned.max_seqs))
+                max(plan.total_tokens, p.max_tokens), max(len(plan), p.max_seqs), max(plan.steps, p.steps))
         self._next_slot ^= 1
         return slot
 
@@ -236,64 +244,92 @@ class ModelRunner:
             if slot.computed is not None:
                 slot.computed.exception()
 
-    def _compute_cpu(self, result: StepResult, slot: _Slot, step: HostStep) -> None:
-        """On the compute worker: the step's forward and sampling. Steps run in launch order, so the
-        tokens the step before sampled are in the table when this one gathers its inputs."""
+    def _compute_cpu(self, result: StepResult, slot: _Slot, steps: list[HostStep]) -> None:
+        """On the compute worker: the step's (or run's) forwards and sampling. Steps run in launch
+        order, so the tokens the step before sampled are in the table when this one gathers its inputs."""
         start = time.perf_counter()
         with torch.inference_mode():
-            result.tokens = self._eager_step(step, slot)
+            tokens = [self._eager_step(step, slot) for step in steps]
+        result.tokens = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
         result.token_list = result.tokens.tolist()
         result.compute_span = (start, time.perf_counter())
 
-    def _graphs_for(self, step: HostStep) -> DecodeGraphs | MixedGraphs | None:
+    def _graphs_for(self, steps: list[HostStep]) -> DecodeGraphs | MixedGraphs | None:
         if self.table.generation != self._graph_generation:
             return None  # the table was reallocated (max_batch grew live): the graphs read the old one
-        return next((g for g in self.graph_families if g.can_run(step)), None)
+        run = len(steps) > 1  # only decode graphs take a run's later steps
+        return next((g for g in self.graph_families if g.can_run(steps[0]) and (not run or g.kind == "decode")),
+                    None)
 
-    def _launch_cuda(self, result: StepResult, slot: _Slot, step: HostStep) -> None:
+    def _launch_cuda(self, result: StepResult, slot: _Slot, steps: list[HostStep]) -> None:
         """Copy in on the H2D stream, run on the compute stream, copy the tokens out on the D2H
         stream; events order the three, and nothing here waits for the GPU."""
-        graphs, S, ev = self._graphs_for(step), step.num_samples, slot.events
-        torch.cuda.set_stream(self.h2d_stream)
+        graphs, ev = self._graphs_for(steps), slot.events
+        result.gpu_start, result.gpu_end = ev["gpu_start"], ev["gpu_end"]
         if graphs is not None:
-            if slot.consumed is not None:
-                self.h2d_stream.wait_event(slot.consumed)  # the compute stream has read it two steps ago
-            key, numel = graphs.prepare(step, slot.graph_host.numpy(), self.table.scratch)
-            slot.graph_dev[:numel].copy_(slot.graph_host[:numel], non_blocking=True)
+            sampled = self._run_graphed(graphs, steps, slot, result.gpu_start)
         else:
-            t = to_device(step, slot.pinned, self.device, self.kv_caches)
-        slot.copied = ev["staged"]
-        slot.copied.record(self.h2d_stream)
-
-        torch.cuda.set_stream(self.compute_stream)
-        self.compute_stream.wait_event(slot.copied)
-        result.gpu_start = ev["gpu_start"]
-        result.gpu_start.record(self.compute_stream)
-        if graphs is not None:
-            graphs.load(slot.graph_dev, numel)
-            slot.consumed = ev["loaded"]
-            slot.consumed.record(self.compute_stream)
-            logits, greedy = graphs.replay(key, S)
-            out_index = graphs.views["out_index"][:S]
-            sampled = slot.sampled_dev[:S].copy_(greedy)  # a slot buffer: the next replay overwrites `greedy`
-            self._sample_others(step, logits, sampled, out_index)
-        else:
-            logits, sampled = self._greedy_step(t)
-            self._sample_others(step, logits, sampled, t.out_index)
-            for x in (t.host_ids, t.table_index, t.positions, t.logits_index, t.out_index, t.ctx.slot_mapping,
-                      t.ctx.cu_seqlens_q, t.ctx.seq_lens, t.ctx.block_tables):
-                x.record_stream(self.compute_stream)
-            sampled.record_stream(self.d2h_stream)
-        result.gpu_end = ev["gpu_end"]
+            sampled = self._run_eager(steps, slot, result.gpu_start)
         result.gpu_end.record(self.compute_stream)
         result.graphed, result.tokens = graphs is not None, sampled
 
         torch.cuda.set_stream(self.d2h_stream)
         self.d2h_stream.wait_event(result.gpu_end)
-        result.host_tokens = slot.pinned.sampled[:S]
+        result.host_tokens = slot.pinned.sampled[: sampled.numel()]
         result.host_tokens.copy_(sampled, non_blocking=True)
         result.done = ev["done"]
         result.done.record(self.d2h_stream)
+
+    def _run_graphed(self, graphs: DecodeGraphs | MixedGraphs, steps: list[HostStep], slot: _Slot,
+                     gpu_start: torch.cuda.Event) -> torch.Tensor:
+        """Stage every step in the graphs' layout and copy them in at once; then, on the compute
+        stream, load and replay each in turn. The tokens sampled, step after step."""
+        torch.cuda.set_stream(self.h2d_stream)
+        if slot.consumed is not None:
+            self.h2d_stream.wait_event(slot.consumed)  # the compute stream has read it two launches ago
+        loads = graphs.prepare_run(steps, slot.graph_host.numpy(), self.table.scratch)
+        end = loads[-1][1] + loads[-1][2]
+        slot.graph_dev[:end].copy_(slot.graph_host[:end], non_blocking=True)
+        slot.copied = slot.events["staged"]
+        slot.copied.record(self.h2d_stream)
+
+        torch.cuda.set_stream(self.compute_stream)
+        self.compute_stream.wait_event(slot.copied)
+        gpu_start.record(self.compute_stream)
+        S = steps[0].num_samples
+        for j, (step, (key, offset, numel)) in enumerate(zip(steps, loads)):
+            graphs.load(slot.graph_dev[offset:], numel)
+            logits, greedy = graphs.replay(key, S)
+            sampled = slot.sampled_dev[j * S : (j + 1) * S].copy_(greedy)  # the next replay overwrites `greedy`
+            self._sample_others(step, logits, sampled, graphs.views["out_index"][:S])
+        slot.consumed = slot.events["loaded"]
+        slot.consumed.record(self.compute_stream)
+        return slot.sampled_dev[: len(steps) * S]
+
+    def _run_eager(self, steps: list[HostStep], slot: _Slot, gpu_start: torch.cuda.Event) -> torch.Tensor:
+        """Each step copied in on the H2D stream and run eagerly on the compute stream. A run's steps
+        share the slot's staging buffers: each is staged once the copy before it has read them."""
+        tokens = []
+        for j, step in enumerate(steps):
+            if j:
+                slot.copied.synchronize()
+            torch.cuda.set_stream(self.h2d_stream)
+            t = to_device(step, slot.pinned, self.device, self.kv_caches)
+            slot.copied = slot.events["staged"]
+            slot.copied.record(self.h2d_stream)
+            torch.cuda.set_stream(self.compute_stream)
+            self.compute_stream.wait_event(slot.copied)
+            if not j:
+                gpu_start.record(self.compute_stream)
+            logits, sampled = self._greedy_step(t)
+            self._sample_others(step, logits, sampled, t.out_index)
+            for x in (t.host_ids, t.table_index, t.positions, t.logits_index, t.out_index, t.ctx.slot_mapping,
+                      t.ctx.cu_seqlens_q, t.ctx.seq_lens, t.ctx.block_tables):
+                x.record_stream(self.compute_stream)
+            tokens.append(sampled)
+        sampled = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
+        sampled.record_stream(self.d2h_stream)
+        return sampled
 
     def collect(self, result: StepResult) -> list[int]:
         """The step's sampled tokens on the host, waiting only for that step."""
@@ -310,6 +346,7 @@ class ModelRunner:
     def logits(self, plan: StepPlan) -> torch.Tensor:
         """Logits at every position of the plan's step, computed eagerly on the calling thread
         (teacher forcing in tests and notebooks: `table.force_tokens` gives the tokens to read)."""
+        assert plan.steps == 1, "teacher forcing runs one step at a time"
         self._drain()
         rows = self.table.apply(plan)
         step = build_host_step(plan, rows, self.table, self.block_size)

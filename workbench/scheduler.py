@@ -11,6 +11,10 @@ When the KV cache has no block left, the newest running request is preempted:
 its blocks are freed and it goes back to the front of the queue, to be
 recomputed (its generated tokens kept) once room returns.
 
+While the batch holds still (decodes only, nobody waiting, no block short), up
+to `decode_steps` decode steps are planned as one run: the host then plans,
+prepares and launches once for several steps (plan.py).
+
 Two teaching policies sit beside it: `sequential` runs one request at a time;
 `static` admits a batch only when the previous batch has entirely finished.
 
@@ -56,6 +60,7 @@ class Batch:
     items: list[ScheduledItem] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     padded_slots: int = 0
+    steps: int = 1  # decode steps in a row (a decode run)
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +76,7 @@ class Scheduler:
     max_batch: int = 32
     token_budget: int = 512
     policy: str = "continuous"
+    decode_steps: int = 1  # the longest decode run
     waiting: deque[Request] = field(default_factory=deque)
     running: list[Request] = field(default_factory=list)
     static_members: int = 0
@@ -117,7 +123,28 @@ class Scheduler:
             self._admit(batch, budget)
         if self.policy == "static":
             batch.padded_slots = max(0, min(self.static_members, self.max_batch) - len(self.running))
+        batch.steps = self._run_length(batch)
         return batch
+
+    def _run_length(self, batch: Batch) -> int:
+        """How many decode steps this batch can run in a row: 1 unless every running request decodes
+        in it, none is waiting (a newcomer would wait the whole run) and the KV cache has blocks for
+        the run; never past a request's max_new_tokens. Reserves the run's blocks."""
+        items = batch.items
+        if self.decode_steps <= 1 or self.waiting or batch.preempted or len(items) != len(self.running):
+            return 1
+        if any(i.kind != "decode" for i in items):
+            return 1
+        steps = min(self.decode_steps, min(i.request.params.max_new_tokens - i.request.num_generated for i in items))
+        if steps <= 1:
+            return 1
+        ends = [(i.request, i.start + steps) for i in items]
+        missing = sum(max(0, self.blocks.blocks_needed(end) - len(r.block_ids)) for r, end in ends)
+        if missing > self.blocks.num_free:
+            return 1
+        for request, end in ends:
+            self.blocks.ensure(request, end)
+        return steps
 
     def _shed_after_reconfigure(self, batch: Batch) -> None:
         """Preempt, newest first, requests that a shrunk num_blocks or max_batch no longer allows."""
@@ -233,7 +260,7 @@ class Scheduler:
         plan = StepPlan([r.request_id for r in requests], [i.start for i in items], [i.num_tokens for i in items],
                         [i.samples for i in items], [i.kind for i in items],
                         preempted_ids=[r.request_id for r in batch.preempted], finished_ids=self._left,
-                        padded_slots=batch.padded_slots)
+                        padded_slots=batch.padded_slots, steps=batch.steps)
         self._left = []
         for r in requests:
             known, held = told.get(r), len(r.block_ids)
@@ -247,13 +274,14 @@ class Scheduler:
 
     # ------------------------------------------------------------ after step
     def advance(self) -> None:
-        """The step just scheduled is launched: its tokens count as computed (their K/V are on the
-        way into the cache) and each of its sampling rows has one more token in flight."""
+        """The step (or run) just scheduled is launched: its tokens count as computed (their K/V are on
+        the way into the cache) and each of its sampling rows has one more token in flight per step."""
         batch, self._last = self._last, None
         assert batch is not None, "advance() without a step scheduled since the last one"
+        steps = batch.steps
         for item in batch.items:
-            item.request.num_computed = item.start + item.num_tokens
-            item.request.num_in_flight += item.samples
+            item.request.num_computed = item.start + item.num_tokens * steps
+            item.request.num_in_flight += item.samples * steps
             self.blocks.commit(item.request)
 
     def finish(self, request: Request) -> None:

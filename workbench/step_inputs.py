@@ -93,6 +93,24 @@ def build_host_step(plan: StepPlan, rows: np.ndarray, table: RequestTable, block
         counters=counters, decode_only=plan.decode_only, drawn=_drawn_rows(table, sample_rows, counters))
 
 
+def next_decode_step(step: HostStep, table: RequestTable, block_size: int) -> HostStep:
+    """The decode step after `step` in a decode run: every request one position further, reading the
+    token `step` samples (on the device: the host has none there, unless teacher forcing put one).
+
+    Arithmetic on `step`'s arrays; the block tables are the same (a run's blocks come with its plan)."""
+    positions = step.positions + 1
+    rows = step.sample_rows
+    slots = step.tables[np.arange(len(rows)), positions // block_size].astype(np.int64) * block_size
+    drawn = step.drawn
+    if drawn is not None:
+        drawn = DrawnRows(drawn.index, drawn.params, drawn.seeds, [c + 1 for c in drawn.counters])
+    return HostStep(
+        host_ids=table.host_tokens.ravel()[step.table_index + 1], table_index=step.table_index + 1,
+        positions=positions, slots=slots + positions % block_size, cu_seqlens=step.cu_seqlens,
+        seq_lens=step.seq_lens + 1, logits_index=step.logits_index, out_index=step.out_index + 1, tables=step.tables,
+        sample_rows=rows, counters=step.counters + 1, decode_only=True, drawn=drawn)
+
+
 def _drawn_rows(table: RequestTable, sample_rows: np.ndarray, counters: np.ndarray) -> DrawnRows | None:
     drawing = ~table.greedy[sample_rows]
     if not drawing.any():
@@ -140,17 +158,17 @@ class PinnedStep:
     is asynchronous). The runner keeps two and alternates, so the CPU never overwrites what a copy
     still reads."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool, steps: int = 1) -> None:
         def buf(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
-        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.max_tokens, self.max_seqs, self.steps = max_tokens, max_seqs, steps
         self.host_ids, self.table_index = buf(max_tokens), buf(max_tokens)
         self.positions, self.slots = buf(max_tokens), buf(max_tokens)
         self.cu, self.seq_lens = buf(max_seqs + 1, dtype=torch.int32), buf(max_seqs, dtype=torch.int32)
         self.logits_index, self.out_index = buf(max_seqs), buf(max_seqs)
         self.tables = buf(max_seqs, max_blocks, dtype=torch.int32)
-        self.sampled = buf(max_seqs)  # where the D2H copy puts the step's tokens
+        self.sampled = buf(max_seqs * steps)  # where the D2H copy puts the step's (or run's) tokens
 
     def fits(self, step: HostStep) -> bool:
         return step.num_tokens <= self.max_tokens and step.num_seqs <= self.max_seqs
