@@ -2,8 +2,9 @@
 # The GPU checks in one device call (bench/NOTES.md's summary has what each figure is today):
 # compiled kernel tests, the engine's GPU tests, the kernel bandwidth benchmark and the host
 # profile of workload (a); `tests` runs the kernel and GPU tests side by side; `a`, `b`, `c` run
-# bench/gpu_vs_transformers.py on one workload (ours sync and overlapped twice; (a) with transformers'
-# best generate_batch row, (c) overlapped only). Everything lands in $OUT (or ./device_out): at most 8 files.
+# bench/gpu_vs_transformers.py on one workload (ours sync and overlapped twice; (a) also overlapped
+# with decode runs of 1 and 8 steps beside the default 4, and transformers' best generate_batch row;
+# (c) overlapped only). Everything lands in $OUT (or ./device_out): at most 8 files.
 #   bash bench/device_checks.sh [kernels] [gpu] [tests] [tests3] [ab] [kbench] [profile] [a] [b] [c]
 #   (ab: needs .base/, see bench/ab.sh, AB_WORKLOADS="a c" AB_ROUNDS=2 to change what it runs;
 #    tests3: the GPU tests three times in a row)
@@ -34,8 +35,8 @@ for step in $steps; do
         timeout 560 bash bench/ab.sh "${AB_ROUNDS:-3}" "python3 $PWD/bench/gpu_vs_transformers.py \
           --workloads ${AB_WORKLOADS:-a} --rows ours-overlap --repeats 1 --timeout 160 --out /tmp/ab_\$AB_LABEL" \
           >"$OUT/ab.txt" 2>&1 ;;
-    a) timeout 330 python3 bench/gpu_vs_transformers.py --workloads a --rows ours-overlap ours-sync hf-batch-graphs \
-         --repeats 2 --hf-repeats 1 --timeout 75 --out "$OUT" ;;
+    a) timeout 420 python3 bench/gpu_vs_transformers.py --workloads a --rows ours-overlap ours-overlap-k1 \
+         ours-overlap-k8 ours-sync hf-batch-graphs --repeats 2 --hf-repeats 1 --timeout 75 --out "$OUT" ;;
     b) timeout 400 python3 bench/gpu_vs_transformers.py --workloads b --rows ours-overlap ours-sync --repeats 2 \
          --timeout 95 --out "$OUT" ;;
     c) timeout 330 python3 bench/gpu_vs_transformers.py --workloads c --rows ours-overlap --repeats "${C_REPEATS:-1}" \

@@ -5,7 +5,8 @@ Workloads (EOS ignored, greedy, bf16):
   b  SmolLM2-135M shape, 256 requests, prompts 16..1024, outputs 16..512 (seed 0)
   c  Llama-3-8B shape, 32 requests x (128 prompt, 512 new)
 Rows: ours sync, ours overlapped, transformers generate_batch (graphs off / on / async), transformers
-generate (padded). Each row runs in its own subprocess (clean peak-memory reading, and a hung peer
+generate (padded). An `ours` row with a `-kN` suffix (`ours-overlap-k1`) sets decode_steps=N (decode
+runs of N steps); without one the engine's default (4 on CUDA). Each row runs in its own subprocess (clean peak-memory reading, and a hung peer
 can be timed out), each twice. The driver writes a Markdown table and JSON under --out.
 
     python bench/gpu_vs_transformers.py --workloads a b --out bench/results
@@ -58,7 +59,9 @@ def run_row(row: str, name: str, repeat: int) -> dict:
     torch.manual_seed(0)
     result: dict = {"row": row, "workload": name, "repeat": repeat}
     if row.startswith("ours"):
-        tokens, seconds, extra = _ours(cfg, prompts, outs, warm, overlap=row == "ours-overlap")
+        base, _, k = row.partition("-k")
+        tokens, seconds, extra = _ours(cfg, prompts, outs, warm, overlap=base == "ours-overlap",
+                                       decode_steps=int(k) if k else None)
     else:
         tokens, seconds, extra = _hf(row, cfg, prompts, outs, warm)
     result.update(tokens=tokens, seconds=seconds, tok_per_s=tokens / seconds,
@@ -66,7 +69,7 @@ def run_row(row: str, name: str, repeat: int) -> dict:
     return result
 
 
-def _ours(cfg, prompts, outs, warm, overlap: bool) -> tuple[int, float, dict]:
+def _ours(cfg, prompts, outs, warm, overlap: bool, decode_steps: int | None) -> tuple[int, float, dict]:
     import torch
     import transformers
 
@@ -84,7 +87,7 @@ def _ours(cfg, prompts, outs, warm, overlap: bool) -> tuple[int, float, dict]:
     loaded = LoadedModel(model.eval(), tok, mc, f"random {cfg.num_hidden_layers}-layer", frozenset({2}))
     max_batch = max(64, min(256, len(prompts)))
     engine = workbench.Engine(loaded, device="cuda", dtype="bfloat16", max_batch=max_batch, token_budget=4096,
-                              overlap=overlap)
+                              overlap=overlap, **({"decode_steps": decode_steps} if decode_steps else {}))
     for _ in range(WARMUPS):  # the workload's shapes on other tokens: every Triton shape compiled before timing
         _submit_all(engine, warm, outs)
     passes = []
@@ -105,12 +108,16 @@ def _ours(cfg, prompts, outs, warm, overlap: bool) -> tuple[int, float, dict]:
     extra = {"gpu_busy_all": gpu_busy(steps), "gpu_busy_decode": mid["busy"],
              "passes_tok_per_s": [round(tokens / x["seconds"]) for x in passes],
              "passes_gpu_busy_decode": [x["busy"] and round(100 * x["busy"], 1) for x in passes],
-             "host_ms_per_step": _host_ms(steps),
+             "host_ms_per_step": _host_ms(steps),  # per launch: a decode run is one launch
+             "host_ms_per_decode_step": _median([1e3 * (s.schedule_s + s.prepare_s + s.forward_s + s.postprocess_s)
+                                                 / s.slots[0].num_tokens for s in decode]),
+             "decode_steps": engine.config.decode_steps,
              "steps": len(steps), "graphed_steps": sum(s.graphed for s in steps),
              "kv_bytes_per_token": mc.kv_bytes_per_token(torch.bfloat16),
              "weight_bytes": _nbytes(model.parameters()),
              "step_weight_bytes": _step_weight_bytes(model),
-             "decode_step_ms_median": _median([1e3 * (s.gpu_end - s.gpu_start) for s in decode]),
+             "decode_step_ms_median": _median([1e3 * (s.gpu_end - s.gpu_start) / s.slots[0].num_tokens
+                                               for s in decode]),
              "decode_contexts": [sum(len(v) for v in s.block_tables.values()) for s in decode[:: max(1, len(decode) // 50)]]}
     engine.stop()
     return tokens, seconds, extra
@@ -300,6 +307,7 @@ def _line(r: dict) -> str:
     return (f"{r['workload']} {r['row']:16s} run {r['repeat']}: {r['tok_per_s']:9.0f} tok/s  {r['seconds']:7.2f} s"
             f"  peak {r['peak_gib']:.1f} GiB" + (f"  busy(decode) {100 * busy:.1f}%" if busy else "")
             + (f"  passes {r['passes_tok_per_s']} busy {r['passes_gpu_busy_decode']} host ms {r['host_ms_per_step']}"
+               f" per decode step {r.get('host_ms_per_decode_step')} ms, GPU {r.get('decode_step_ms_median')} ms"
                if "passes_tok_per_s" in r else ""))
 
 

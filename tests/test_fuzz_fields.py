@@ -42,7 +42,7 @@ GOOD_CONFIG = {
     "policy": st.sampled_from(["continuous", "static", "sequential"]), "device": st.sampled_from([None, "cpu", "cuda:1"]),
     "dtype": st.sampled_from([None, "float32", "bfloat16", "float16"]),
     "kernels": st.sampled_from(["auto", "torch", "triton"]), "overlap": st.sampled_from([None, True, False]),
-    "cuda_graphs": st.booleans(), "block_weights": st.booleans(), "freeze_gc": st.sampled_from([None, True, False]),
+    "decode_steps": st.one_of(st.none(), st.integers(1, 64)), "cuda_graphs": st.booleans(), "block_weights": st.booleans(), "freeze_gc": st.sampled_from([None, True, False]),
     "max_queue": st.one_of(st.none(), st.integers(1, 10_000_000)), "telemetry_steps": st.integers(16, 10_000_000),
     "gpu_memory_fraction": st.floats(0.05, 0.99), "seed": st.integers(0, MAX_SEED),
 }
@@ -122,7 +122,8 @@ def test_submit_with_any_sampling_value_is_queued_or_a_value_error(engine, field
 def test_reconfigure_with_any_live_value_applies_or_is_a_value_error(engine, field, value):
     before = engine.config
     if raises_value_error_naming(field, lambda: engine.reconfigure(**{field: value})):
-        assert getattr(engine.config, field) == (value if value is not None else False)
+        on_cpu = {"overlap": False, "decode_steps": 1}  # None: the device's default, here a CPU's
+        assert getattr(engine.config, field) == (value if value is not None else on_cpu[field])
     else:
         assert engine.config == before
     engine.reconfigure(**{f: getattr(before, f) for f in LIVE_FIELDS})

@@ -231,6 +231,7 @@ class ModelRunner:
             # was raised by collect() and already failed that step: not this one)
         p = slot.pinned
         if plan.total_tokens > p.max_tokens or len(plan) > p.max_seqs or plan.steps > p.steps:
+            self._drain()  # rare (a knob was raised live): nothing in flight may still read the old buffers
             slot = self._slots[self._next_slot] = self._new_slot(
                 max(plan.total_tokens, p.max_tokens), max(len(plan), p.max_seqs), max(plan.steps, p.steps))
         self._next_slot ^= 1
