@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def build_engine(device: str, batch: int, freeze_gc: bool | None = None, prefix_caching: bool = False,
-                 num_blocks: int | None = 4096, shape_name: str = "smollm2"):
+                 num_blocks: int | None = 4096, shape_name: str = "smollm2", decode_steps: int | None = None):
     import torch
     import transformers
 
@@ -53,7 +53,7 @@ def build_engine(device: str, batch: int, freeze_gc: bool | None = None, prefix_
     loaded = LoadedModel(model.eval(), tok, mc, f"random {mc.num_layers}-layer", frozenset({2}))
     return workbench.Engine(loaded, device=device, dtype=str(dtype).removeprefix("torch."), max_batch=batch,
                             token_budget=4096, num_blocks=num_blocks, prefix_caching=prefix_caching, freeze_gc=freeze_gc,
-                            start=False)
+                            start=False, **({"decode_steps": decode_steps} if decode_steps else {}))
 
 
 def run_threaded(engine, prompts, new_tokens: int) -> int:
@@ -137,12 +137,14 @@ def main() -> int:
     p.add_argument("--num-blocks", type=int, default=4096, help="KV blocks (0: sized from free memory, as the benchmark)")
     p.add_argument("--shape", choices=("smollm2", "llama3-8b"), default="smollm2",
                    help="model shape on CUDA (llama3-8b with --batch 32 --new 512 is workload (c))")
+    p.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: the device's)")
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 49152) for _ in range(args.prompt)] for _ in range(args.batch)]
     engine = build_engine(args.device, args.batch, {"auto": None, "on": True, "off": False}[args.freeze_gc],
-                          args.prefix_caching, args.num_blocks or None, args.shape)
-    print(f"threaded={args.threaded} prefix_caching={args.prefix_caching} num_blocks={engine.blocks.limit}")
+                          args.prefix_caching, args.num_blocks or None, args.shape, args.decode_steps)
+    print(f"threaded={args.threaded} prefix_caching={args.prefix_caching} num_blocks={engine.blocks.limit} "
+          f"decode_steps={engine.config.decode_steps}")
     clock = GcClock()
     print(f"gc: {gc.get_freeze_count()} objects frozen by the engine, {len(gc.get_objects())} tracked")
     run(engine, prompts, args.new)  # warm-up: every shape compiled
@@ -166,6 +168,13 @@ def main() -> int:
               f"per step: schedule {mean(lambda s: s.schedule_s):.3f}, prepare {mean(lambda s: s.prepare_s):.3f}, "
               f"launch/forward {mean(lambda s: s.forward_s):.3f}, postprocess {mean(lambda s: s.postprocess_s):.3f} ms"
               + (f"; GPU span median {sorted(gpu)[len(gpu) // 2]:.3f} ms" if gpu else ""))
+        decode = [s for s in rec if s.slots and all(x.kind == "decode" for x in s.slots)]
+        if decode:  # a launch of a decode run does k steps' work: its host time per step of the run
+            per = lambda f: 1e3 * sum(f(s) / s.slots[0].num_tokens for s in decode) / len(decode)  # noqa: E731
+            print(f"    decode launches {len(decode)}, {sum(s.slots[0].num_tokens for s in decode) / len(decode):.2f} "
+                  f"steps each; host per decode step: schedule {per(lambda s: s.schedule_s):.3f}, prepare "
+                  f"{per(lambda s: s.prepare_s):.3f}, launch {per(lambda s: s.forward_s):.3f}, output "
+                  f"{per(lambda s: s.postprocess_s):.3f} ms")
         print(f"    step to step: median {gaps[len(gaps) // 2]:.3f}, p90 {gaps[9 * len(gaps) // 10]:.3f}, "
               f"max {gaps[-1]:.3f} ms; garbage collector: {clock}")
         first, last = rec[0], rec[-1]

@@ -59,8 +59,24 @@ def test_live_config_sweep_loses_no_request_and_leaks_no_block(make_engine):
     engine.check_invariants()
 
 
+def test_a_decode_steps_sweep_runs_each_point_live(make_engine):
+    """decode_steps is sweepable: each point applied live, every request done, the points' runs as set."""
+    engine = make_engine(**SMALL)
+    spec = lab.LoadSpec(num_requests=4, seed=2)
+    work = lab.RandomWorkload(input_len=12, output_len=12)
+    sweep = asyncio.run(lab.config_sweep(lab.EngineTarget(engine), work, {"decode_steps": [1, 6]}, spec,
+                                         lab.SLO(ttft_ms=60_000)))
+    assert [p.config["decode_steps"] for p in sweep.points] == [1, 6]
+    assert all(p.summary["completed"] == 4 and p.summary["errors"] == 0 for p in sweep.points)
+    longest = max(x.num_tokens for s in engine.telemetry.steps() for x in s.slots if x.kind == "decode")
+    assert longest == 6, "the last point ran decode runs of 6 steps"
+    assert engine.config.decode_steps == 1  # restored
+    engine.check_invariants()
+
+
 def test_reconfigure_during_a_load_loses_nothing(make_engine):
-    """Knobs move (max batch, token budget, usable blocks) while requests stream: all finish, no block leaks."""
+    """Knobs move (max batch, token budget, usable blocks, decode runs) while requests stream: all finish,
+    no block leaks."""
     engine = make_engine(**SMALL)
     target = lab.EngineTarget(engine)
 
@@ -69,7 +85,7 @@ def test_reconfigure_during_a_load_loses_nothing(make_engine):
                                                                                                  num_requests=10))
         task = asyncio.create_task(test.run())
         for changes in ({"max_batch": 1}, {"token_budget": 8}, {"num_blocks": 24}, {"max_batch": 4, "num_blocks": 48},
-                        {"token_budget": 64}):
+                        {"decode_steps": 5}, {"token_budget": 64}):
             await asyncio.sleep(0.3)
             await target.reconfigure(**changes)
         return await asyncio.wait_for(task, 300)

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-itl-p99-ms", type=float, default=None, help="an objective on the run's p99 ITL")
     o = p.add_argument_group("sweeps and output")
     o.add_argument("--sweep", action="append", default=[], metavar="KNOB=V1,V2",
-                   help="config sweep, applied live (max_batch, token_budget, num_blocks); repeat to cross knobs")
+                   help="config sweep, applied live (max_batch, token_budget, num_blocks, decode_steps); "
+                        "repeat to cross knobs")
     o.add_argument("--sweep-rates", default=None, metavar="R1,R2", help="rate sweep")
     o.add_argument("--restart-s", type=float, default=None,
                    help="seconds one restart costs (default: measured once in-process, unknown for a URL)")

@@ -1,7 +1,8 @@
 """Sweeps: the same load at several rates, or at several settings of one running engine.
 
 A rate sweep gives the throughput-versus-p99-latency curve. A config sweep
-crosses live knobs (max_batch x token_budget, optionally x num_blocks) and
+crosses live knobs (max_batch x token_budget, optionally x num_blocks or
+decode_steps: decode runs trade inter-token burstiness for host time) and
 applies each point with the target's live reconfigure: `engine.reconfigure`
 in-process, `POST /v1/engine/config` over HTTP. No restart and no reload; the
 sweep records its own wall time beside an estimate of doing the same with a
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger(__name__)
-SWEEPABLE = ("max_batch", "token_budget", "num_blocks", "prefix_caching", "policy")
+SWEEPABLE = ("max_batch", "token_budget", "num_blocks", "prefix_caching", "policy", "decode_steps")
 
 
 @dataclass(slots=True)
