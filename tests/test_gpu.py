@@ -97,7 +97,8 @@ def test_decode_steps_replay_cuda_graphs(hf32):
     with workbench.Engine(loaded, device="cuda", num_blocks=512, max_batch=16) as engine:
         a = engine.generate_batch(prompts(5, 3), max_new_tokens=24, ignore_eos=True, progress=False)
         steps = engine.telemetry.steps()
-        assert sum(s.graphed for s in steps) >= 20 and all(s.gpu_start is not None for s in steps)
+        assert all(s.gpu_start is not None for s in steps)
+        assert sum(engine.runner.graphs.replays.values()) >= 20  # a decode run is one launch, a replay per step
         assert engine.telemetry.gpu_busy() is not None
         engine.reconfigure(overlap=False)
         b = engine.generate_batch(prompts(5, 3), max_new_tokens=24, ignore_eos=True, progress=False)

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from .metrics import SLO
 from .pareto import Recommendation, metric, pareto_front, recommend
 from .runner import LoadSpec, LoadTest
-from .targets import Target
+from .targets import LIVE_KEYS, Target
 from .workloads import Workload
 
 if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger(__name__)
-SWEEPABLE = ("max_batch", "token_budget", "num_blocks", "prefix_caching", "policy", "decode_steps")
+SWEEPABLE = LIVE_KEYS  # the knobs a target reports and reconfigures live
 
 
 @dataclass(slots=True)

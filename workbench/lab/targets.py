@@ -28,7 +28,7 @@ from .workloads import WorkItem
 if TYPE_CHECKING:
     from ..engine import Engine
 
-LIVE_KEYS = ("max_batch", "token_budget", "num_blocks", "prefix_caching", "policy")
+LIVE_KEYS = ("max_batch", "token_budget", "num_blocks", "prefix_caching", "policy", "decode_steps")
 
 
 class Target(Protocol):
