@@ -62,7 +62,7 @@ BURST_PROMPTS = (
 # Burst requests ask for different lengths, so short ones finish and make room while long ones stream.
 BURST_LENGTH_FRACTIONS = (1.0, 0.25, 0.5, 0.75, 0.35, 0.9)
 # Widgets of the live config, by field (overlap has its own toggle).
-SLIDER_FIELDS = ("max_batch", "num_blocks", "token_budget")
+SLIDER_FIELDS = ("max_batch", "num_blocks", "token_budget", "decode_steps")
 # A streaming card's text is re-sent at most this often: every Div change re-lays out the whole page in
 # BokehJS, and a dozen cards at the tick's 10 Hz kept a browser on a loaded 2-core machine from keeping up.
 CARD_TEXT_S = 0.4
@@ -234,6 +234,11 @@ class Dashboard(pn.viewable.Viewer):
         self.token_budget = pn.widgets.IntSlider(label="token budget per step", start=1,
                                                  end=max(2048, cfg.token_budget), value=cfg.token_budget,
                                                  sizing_mode="stretch_width")
+        # decode runs: while the batch holds still, this many decode steps are planned and launched at once
+        # (less host work per token; tokens arrive in bursts)
+        self.decode_steps = pn.widgets.IntSlider(label="decode steps per launch", start=1,
+                                                 end=max(16, cfg.decode_steps), value=cfg.decode_steps,
+                                                 sizing_mode="stretch_width")
         self.policy = pn.widgets.RadioButtonGroup(label="policy", options=["continuous", "static", "sequential"],
                                                   value=cfg.policy)
         self.prefix_caching = pn.widgets.Checkbox(label="prefix caching", value=cfg.prefix_caching)
@@ -257,7 +262,7 @@ class Dashboard(pn.viewable.Viewer):
         self.submit_button.on_click(lambda _e: self._submit_prompt())
         self.burst_button.on_click(lambda _e: self.burst(self.burst_size.value))
         for w, key in ((self.max_batch, "max_batch"), (self.num_blocks, "num_blocks"),
-                       (self.token_budget, "token_budget")):
+                       (self.token_budget, "token_budget"), (self.decode_steps, "decode_steps")):
             w.param.watch(lambda e, key=key: self._reconfigure(key, e.new), "value_throttled")
         self.policy.param.watch(lambda e: self._reconfigure("policy", e.new), "value")
         self.prefix_caching.param.watch(lambda e: self._reconfigure("prefix_caching", e.new), "value")
@@ -275,7 +280,7 @@ class Dashboard(pn.viewable.Viewer):
             pn.Row(self.submit_button, self.burst_button, pn.pane.HTML("&times;", margin=(12, 0, 0, 0)),
                    self.burst_size),
             "#### Engine (applied at the next step)", self.max_batch, self.num_blocks, self.token_budget,
-            self.policy, self.prefix_caching, self.overlap, self.alert.panel,
+            self.decode_steps, self.policy, self.prefix_caching, self.overlap, self.alert.panel,
             "#### Outputs", self.outputs_column, width=380)
         f = self.figures
         plots = pn.Column(

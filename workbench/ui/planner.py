@@ -250,7 +250,8 @@ def config_html(cfg: dict[str, Any], posted: dict[str, Any] | None, capacity: in
              f'num_blocks=<b data-testid="cfg-num_blocks">{cfg["num_blocks"]}</b>/{capacity}',
              f'token_budget=<b data-testid="cfg-token_budget">{cfg["token_budget"]}</b>',
              f'policy=<b data-testid="cfg-policy">{cfg["policy"]}</b>',
-             f'prefix_caching=<b>{cfg["prefix_caching"]}</b>', f'overlap=<b>{cfg.get("overlap")}</b>']
+             f'prefix_caching=<b>{cfg["prefix_caching"]}</b>', f'overlap=<b>{cfg.get("overlap")}</b>',
+             f'decode_steps=<b data-testid="cfg-decode_steps">{cfg.get("decode_steps")}</b>']
     text = '<div class="wb-config">engine config: ' + " &middot; ".join(parts)
     if posted is not None:
         diff = ", ".join(f"{k} {html.escape(str(cfg[k]))} &rarr; {html.escape(str(v))}"
