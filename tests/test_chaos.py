@@ -1,5 +1,5 @@
-"""Chaos: callbacks re-entering the API, reused ids, cancels, live reconfigures and a faulty
-request, in both loops, under a watchdog.
+"""Chaos: callbacks re-entering the API, reused ids, cancels, live reconfigures (decode runs
+among them) and a faulty request, in both loops, under a watchdog.
 
 Checked at the end: nothing hung (every handle ended before the deadline), nothing was lost or
 duplicated (each stream ends with exactly one final chunk, its chunks add up to its output, each
@@ -106,7 +106,8 @@ def test_chaos_in_both_loops(make_engine, monkeypatch, overlap):
             engine.cancel(rng.choice(open_ones).request_id)
         elif move < 0.6:
             engine.reconfigure(wait=rng.random() < 0.5, max_batch=rng.randint(1, 4),
-                               prefix_caching=rng.random() < 0.5, overlap=overlap if rng.random() < 0.7 else not overlap)
+                               prefix_caching=rng.random() < 0.5, overlap=overlap if rng.random() < 0.7 else not overlap,
+                               decode_steps=rng.choice([1, 3, 6]))
         else:
             submit(request_id=rng.choice([None, f"r{rng.randint(0, 4)}"]))
         time.sleep(rng.uniform(0, 0.05))
