@@ -79,7 +79,7 @@ class Engine:
         if config.freeze_gc is None:
             config = config.replace(freeze_gc=device.type == "cuda")
         if config.decode_steps is None:
-            config = config.replace(decode_steps=self._default_decode_steps(device, config))
+            config = config.replace(decode_steps=self._default_decode_steps(device))
         self.capacity = num_blocks
         model_len = config.max_model_len or self.loaded.config.max_position_embeddings
         if self.loaded.config.sliding_window:
@@ -314,7 +314,7 @@ class Engine:
         if "overlap" in changes and changes["overlap"] is None:
             changes["overlap"] = self.device.type == "cuda"  # None: the device's default, as at start
         if "decode_steps" in changes and changes["decode_steps"] is None:
-            changes["decode_steps"] = self._default_decode_steps(self.device, self.config)
+            changes["decode_steps"] = self._default_decode_steps(self.device)
         with self._lock:  # build on the last posted config, so quick posts of different knobs all hold
             new = (self._posted or self.config).replace(**changes)
             self._posted = new
@@ -444,7 +444,7 @@ class Engine:
             self._pending -= 1  # after the add: max_queue counts the request in one place or the other
 
     @staticmethod
-    def _default_decode_steps(device: torch.device, config: EngineConfig) -> int:
+    def _default_decode_steps(device: torch.device) -> int:
         """decode_steps=None: runs on a GPU, where a small model's step is shorter than the host's
         work for it; one step at a time on a CPU, whose forward dwarfs the host's work anyway."""
         return CUDA_DECODE_STEPS if device.type == "cuda" else 1

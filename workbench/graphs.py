@@ -121,8 +121,9 @@ class _GraphFamily:
         return loads
 
     def staging_size(self, steps: int) -> int:
-        """Host mirror elements `prepare_run` needs for a plan of `steps` steps."""
-        return self.numel * (steps + 1)
+        """Host mirror elements `prepare_run` needs for a plan of `steps` steps (a later step of a run
+        stages only its vectors, but its views are carved from a whole layout's worth after its offset)."""
+        return self.numel if steps == 1 else self.numel * (steps + 1)
 
     def prepare(self, step: HostStep, host: np.ndarray, scratch: int) -> tuple[Key, int]:
         raise NotImplementedError
