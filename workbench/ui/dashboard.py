@@ -261,9 +261,8 @@ class Dashboard(pn.viewable.Viewer):
 
         self.submit_button.on_click(lambda _e: self._submit_prompt())
         self.burst_button.on_click(lambda _e: self.burst(self.burst_size.value))
-        for w, key in ((self.max_batch, "max_batch"), (self.num_blocks, "num_blocks"),
-                       (self.token_budget, "token_budget"), (self.decode_steps, "decode_steps")):
-            w.param.watch(lambda e, key=key: self._reconfigure(key, e.new), "value_throttled")
+        for key in SLIDER_FIELDS:
+            getattr(self, key).param.watch(lambda e, key=key: self._reconfigure(key, e.new), "value_throttled")
         self.policy.param.watch(lambda e: self._reconfigure("policy", e.new), "value")
         self.prefix_caching.param.watch(lambda e: self._reconfigure("prefix_caching", e.new), "value")
         self.overlap.param.watch(lambda e: self._reconfigure("overlap", e.new == "overlap"), "value")
